@@ -1,0 +1,24 @@
+"""lsrfx: structured low-rank adapters as a ``torch.compile`` pass.
+
+``adapt`` inserts adapters (LSR-Adapt, CondLoRA, GenLoRA, LoRA) into a model's linear layers, ``merge`` folds them
+back in, ``summary`` shows what was adapted.
+"""
+
+from lsrfx.adapters import METHODS, CondLoRAConfig, GenLoRAConfig, LoRAConfig, LSRConfig
+from lsrfx.api import adapt, count_parameters, merge, summary
+from lsrfx.errors import LsrfxError
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "METHODS",
+    "CondLoRAConfig",
+    "GenLoRAConfig",
+    "LSRConfig",
+    "LoRAConfig",
+    "LsrfxError",
+    "adapt",
+    "count_parameters",
+    "merge",
+    "summary",
+]

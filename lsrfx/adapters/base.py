@@ -1,0 +1,92 @@
+"""What every adapter method shares: the layer it adapts, its config base class, and its module interface.
+
+Every method yields factors ``A`` (``r x d_in``) and ``B`` (``d_out x r``) so that ``dW = scale * B @ A``; the
+methods differ only in where ``A`` and ``B`` come from (see DESIGN.md section 2).
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from lsrfx.errors import LsrfxError
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """A linear-like layer to adapt, in PyTorch layout terms (``W0`` is ``d_out x d_in``)."""
+
+    name: str
+    d_out: int
+    d_in: int
+    transposed: bool  # weight stored (in, out), e.g. GPT-2 Conv1D
+    dtype: torch.dtype
+    device: torch.device
+
+    @property
+    def shape(self) -> str:
+        return f"{self.d_out} x {self.d_in}"
+
+    @property
+    def adapter_dtype(self) -> torch.dtype:
+        """Adapters keep fp32 master weights when the base is half precision (the mixed-precision convention)."""
+        return self.dtype if self.dtype in (torch.float32, torch.float64) else torch.float32
+
+
+class Adapter(nn.Module, abc.ABC):
+    """One layer's adapter: ``factors(W0) -> (A, B)`` and a fixed ``scale``."""
+
+    rank: int
+    scale: float
+
+    def __init__(self, spec: LayerSpec) -> None:
+        super().__init__()
+        self.d_in, self.d_out = spec.d_in, spec.d_out
+
+    @abc.abstractmethod
+    def factors(self, w0: Tensor) -> tuple[Tensor, Tensor]:
+        """``A`` (``rank x d_in``) and ``B`` (``d_out x rank``) for the frozen weight ``w0`` (``d_out x d_in``)."""
+
+    def delta_weight(self, w0: Tensor) -> Tensor:
+        """The dense update ``scale * B @ A`` (``d_out x d_in``); for merging and tests, never the hot path."""
+        a, b = self.factors(w0)
+        return (b @ a) * self.scale
+
+    def extra_repr(self) -> str:
+        return f"d_out={self.d_out}, d_in={self.d_in}, rank={self.rank}, scale={self.scale:g}"
+
+
+@dataclass
+class AdapterConfig(abc.ABC):
+    """Base of the per-method config dataclasses. ``method`` is the name ``adapt(method=...)`` takes."""
+
+    method: ClassVar[str]
+
+    def options(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def check(self, spec: LayerSpec) -> None:
+        """Raise :class:`LsrfxError` naming the layer, its shape and the fix if this config cannot adapt it."""
+
+    def build(self, specs: list[LayerSpec]) -> list[Adapter]:
+        """One adapter per layer, in order. Methods that share parameters across layers override this."""
+        return [self.build_one(spec) for spec in specs]
+
+    @abc.abstractmethod
+    def build_one(self, spec: LayerSpec) -> Adapter:
+        """The adapter for one layer (after :meth:`check` passed)."""
+
+
+def check_rank(spec: LayerSpec, r: int, method: str) -> None:
+    """A rank-``r`` update of a ``d_out x d_in`` weight needs ``1 <= r <= min(d_out, d_in)``."""
+    limit = min(spec.d_in, spec.d_out)
+    if not 1 <= r <= limit:
+        raise LsrfxError(
+            f"{method}: rank r={r} is impossible for layer '{spec.name}' (weight {spec.shape}); "
+            f"use 1 <= r <= {limit} or leave this layer out of `targets`."
+        )

@@ -1,0 +1,42 @@
+"""LoRA (Hu et al., 2021): ``A`` and ``B`` are parameters. The reference every other method is measured against.
+
+Initialisation matches ``peft``: ``A`` Kaiming-uniform (a = sqrt(5)), ``B`` zero, scale ``alpha / r``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from lsrfx.adapters.base import Adapter, AdapterConfig, LayerSpec, check_rank
+
+
+@dataclass
+class LoRAConfig(AdapterConfig):
+    """``r``: rank; ``alpha``: the update is scaled by ``alpha / r`` (LoRA paper, RoBERTa GLUE: r = alpha = 8)."""
+
+    method = "lora"
+    r: int = 8
+    alpha: float = 8.0
+
+    def check(self, spec: LayerSpec) -> None:
+        check_rank(spec, self.r, "lora")
+
+    def build_one(self, spec: LayerSpec) -> Adapter:
+        return LoRAAdapter(spec, self)
+
+
+class LoRAAdapter(Adapter):
+    def __init__(self, spec: LayerSpec, config: LoRAConfig) -> None:
+        super().__init__(spec)
+        self.rank, self.scale = config.r, config.alpha / config.r
+        kw = dict(dtype=spec.adapter_dtype, device=spec.device)
+        self.lora_A = nn.Parameter(torch.empty(config.r, spec.d_in, **kw))
+        self.lora_B = nn.Parameter(torch.zeros(spec.d_out, config.r, **kw))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+
+    def factors(self, w0: Tensor) -> tuple[Tensor, Tensor]:
+        return self.lora_A, self.lora_B

@@ -1,0 +1,175 @@
+"""The user-facing verbs: ``adapt`` a model, ``merge`` the adapters back in, ``summary`` of what was adapted."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from lsrfx.adapters import AdapterConfig, LayerSpec, make_config
+from lsrfx.errors import LsrfxError
+from lsrfx.parametrization import AdaptedWeight, adapted_layers, adapter_parameters
+from lsrfx.targets import Targets, match_parameter_names, select_targets, weight_is_transposed
+
+log = logging.getLogger("lsrfx")
+
+ModelT = TypeVar("ModelT", bound=nn.Module)
+STATE_ATTR = "_lsrfx_state"
+
+
+@dataclass
+class AdaptState:
+    """What ``adapt`` did to a model, kept on the root module so ``merge``/export/save can undo or replay it."""
+
+    config: AdapterConfig
+    layers: list[str]
+    trainable: list[str]
+    targets: Any
+    frozen: list[str] = field(default_factory=list)  # parameters adapt froze; merge unfreezes them
+    last_inputs: tuple[tuple, dict] | None = None  # the latest forward's (args, kwargs), for export
+    hook: Any = None
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The ``nn.Module`` behind a ``torch.compile``d ``OptimizedModule`` (or the module itself)."""
+    return getattr(model, "_orig_mod", model)
+
+
+def adapt_state(model: nn.Module) -> AdaptState | None:
+    return getattr(unwrap(model), STATE_ATTR, None)
+
+
+def layer_spec(name: str, module: nn.Module) -> LayerSpec:
+    transposed = bool(weight_is_transposed(module))
+    w = module.weight
+    d_out, d_in = (w.shape[1], w.shape[0]) if transposed else tuple(w.shape)
+    return LayerSpec(name, d_out, d_in, transposed, w.dtype, w.device)
+
+
+def adapt(
+    model: ModelT,
+    config: AdapterConfig | None = None,
+    *,
+    method: str = "lsr",
+    targets: Targets = None,
+    trainable: tuple[str, ...] | list[str] = (),
+    **options: Any,
+) -> ModelT:
+    """Insert adapters into ``model``'s target layers, freeze the rest, and return the same object.
+
+    ``model`` may be a plain ``nn.Module`` or what ``torch.compile`` returns (it stays compiled). Give either a
+    ``config`` (e.g. ``LSRConfig(r1=2, r2=2)``) or a ``method`` name with its ``options``. ``targets``: module-name
+    suffixes, a regex or a predicate (default: attention query/value projections, else every linear layer but the
+    output head). ``trainable``: base modules/parameters to keep trainable, e.g. ``("classifier",)``.
+    On bad input an :class:`LsrfxError` names the layer, shape and fix, and the model is left untouched.
+    """
+    root = unwrap(model)
+    if adapt_state(root) is not None or any(True for _ in adapted_layers(root)):
+        raise LsrfxError(
+            "this model is already adapted by lsrfx; call lsrfx.merge(model) first to fold the current adapters "
+            "in, or lsrfx.load_adapters(model, dir) to replace their values."
+        )
+    if config is None:
+        config = make_config(method, options)
+    elif options:
+        raise LsrfxError(f"pass either config= or method options, not both (got options {sorted(options)}).")
+    elif not isinstance(config, AdapterConfig):
+        raise LsrfxError(f"config must be an lsrfx adapter config such as LoRAConfig(), got {type(config).__name__}.")
+
+    names = select_targets(root, targets)
+    modules = dict(root.named_modules())
+    specs = [layer_spec(n, modules[n]) for n in names]
+    for spec in specs:
+        config.check(spec)
+    trainable_names = match_parameter_names(root, list(trainable))
+    adapters = config.build(specs)
+
+    # Validation is over: from here on the model changes.
+    frozen = [n for n, p in root.named_parameters() if p.requires_grad and n not in trainable_names]
+    params = dict(root.named_parameters())
+    for n in frozen:
+        params[n].requires_grad_(False)
+    for spec, adapter in zip(specs, adapters):
+        parametrize.register_parametrization(modules[spec.name], "weight", AdaptedWeight(adapter, spec.transposed))
+    state = AdaptState(config, names, trainable_names, targets, frozen)
+    object.__setattr__(root, STATE_ATTR, state)
+    state.hook = model.register_forward_pre_hook(_record_inputs(state), with_kwargs=True)
+    n_adapter = sum(p.numel() for p in adapter_parameters(root).values())
+    log.info("lsrfx: adapted %d layers with %s (%s trainable adapter parameters): %s",
+             len(names), config.method, f"{n_adapter:,}", ", ".join(names))
+    return model
+
+
+def _record_inputs(state: AdaptState):
+    """A forward pre-hook keeping the latest call's inputs (references, no copies) for ``merge_and_export``."""
+
+    @torch.compiler.disable
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        state.last_inputs = (args, kwargs)
+
+    return hook
+
+
+def merge(model: ModelT) -> ModelT:
+    """Fold every adapter into its weight (``W0 + dW``, exact) and remove all lsrfx objects; returns ``model``.
+
+    The result is a plain model with the same outputs as the adapted one; parameters that ``adapt`` froze are
+    trainable again. Works on plain and compiled models, in place.
+    """
+    root = unwrap(model)
+    state = adapt_state(root)
+    for _, module, _ in list(adapted_layers(root)):
+        parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+    if state is not None:
+        if state.hook is not None:
+            state.hook.remove()
+        params = dict(root.named_parameters())
+        for n in state.frozen:
+            if n in params:
+                params[n].requires_grad_(True)
+        delattr(root, STATE_ATTR)
+    return model
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """``(adapter parameters, base parameters)``: shared adapter tensors counted once."""
+    root = unwrap(model)
+    adapter = {id(p): p.numel() for p in adapter_parameters(root).values()}
+    base = sum(p.numel() for p in {id(p): p for p in root.parameters()}.values() if id(p) not in adapter)
+    return sum(adapter.values()), base
+
+
+def summary(model: nn.Module) -> str:
+    """A table of the adapted layers (method, weight shape, rank, trainable adapter parameters) and the total as a
+    share of the base model. Shared parameters (CondLoRA) are counted at the first layer that uses them."""
+    root = unwrap(model)
+    state = adapt_state(root)
+    if state is None:
+        return "lsrfx: this model has no adapters."
+    seen: set[int] = set()
+    rows = []
+    for name, module, param in adapted_layers(root):
+        spec = layer_spec(name, module)
+        new = [p for p in param.adapter.parameters() if id(p) not in seen]
+        seen.update(id(p) for p in new)
+        shared = "" if len(new) == len(list(param.adapter.parameters())) else " (shared)"
+        rows.append((name, state.config.method, spec.shape, str(param.adapter.rank),
+                     f"{sum(p.numel() for p in new):,}{shared}"))
+    n_adapter, n_base = count_parameters(root)
+    n_trainable_base = sum(p.numel() for n, p in root.named_parameters() if n in state.trainable)
+    header = ("layer", "method", "weight", "rank", "adapter params")
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    line = "  ".join("{:<%d}" % w for w in widths)
+    out = [line.format(*header), line.format(*("-" * w for w in widths))]
+    out += [line.format(*r) for r in rows]
+    out.append(
+        f"{len(rows)} layers adapted with {state.config.method}: {n_adapter:,} adapter parameters = "
+        f"{100 * n_adapter / max(n_base, 1):.3f}% of the base model's {n_base:,}"
+        + (f"; plus {n_trainable_base:,} trainable base parameters ({', '.join(state.trainable)})"
+           if state.trainable else "")
+    )
+    return "\n".join(out)

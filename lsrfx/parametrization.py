@@ -1,0 +1,63 @@
+"""The adapter enters a model as a ``torch.nn.utils.parametrize`` parametrization of each target weight.
+
+``module.weight`` then reads ``compose(W0, A, B, scale)`` = ``W0 + scale * B @ A``: eager mode is exact by
+construction, adapter tensors are ordinary ``nn.Parameter``s under the module (optimizers, ``state_dict``, ``.to()``,
+DDP/FSDP see them), every op that consumes the weight is adapted, and Dynamo traces it into
+``linear(x, compose(...))``, the pattern the compile pass fuses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from lsrfx.adapters.base import Adapter
+from lsrfx.kernels.factor_ops import compose
+
+
+class AdaptedWeight(nn.Module):
+    """Parametrization ``W0 -> W0 + scale * B @ A`` (delta transposed for ``(in, out)``-stored weights)."""
+
+    def __init__(self, adapter: Adapter, transposed: bool) -> None:
+        super().__init__()
+        self.adapter = adapter
+        self.transposed = transposed
+
+    def forward(self, weight: Tensor) -> Tensor:
+        a, b = self.adapter.factors(weight.t() if self.transposed else weight)
+        return compose(weight, a, b, self.adapter.scale, self.transposed)
+
+
+def adapted_weight(module: nn.Module) -> AdaptedWeight | None:
+    """The lsrfx parametrization on ``module.weight``, if any."""
+    if not parametrize.is_parametrized(module, "weight"):
+        return None
+    return next((p for p in module.parametrizations["weight"] if isinstance(p, AdaptedWeight)), None)
+
+
+def adapted_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module, AdaptedWeight]]:
+    """``(name, module, parametrization)`` for every adapted layer, in module order."""
+    for name, module in model.named_modules():
+        param = adapted_weight(module)
+        if param is not None:
+            yield name, module, param
+
+
+def base_weight(module: nn.Module) -> Tensor:
+    """The frozen ``W0`` of an adapted layer, in the layer's own storage layout."""
+    return module.parametrizations["weight"].original
+
+
+def adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Adapter parameters by their first qualified name, shared ones (CondLoRA) once."""
+    seen: set[int] = set()
+    out: dict[str, nn.Parameter] = {}
+    for name, module, param in adapted_layers(model):
+        prefix = f"{name}.parametrizations.weight.0.adapter."
+        for pname, p in param.adapter.named_parameters():
+            if id(p) not in seen:
+                seen.add(id(p))
+                out[prefix + pname] = p
+    return out

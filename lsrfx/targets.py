@@ -1,0 +1,101 @@
+"""Finding the linear-like layers of a model and choosing which to adapt (``targets``, as peft's ``target_modules``).
+
+``targets`` may be a list of module-name suffixes (``["query", "value"]`` matches ``...attention.self.query``), a
+regular expression string matched against the full name (``re.fullmatch``), or a predicate
+``(name, module) -> bool``. The default adapts the attention query and value projections under their common names
+and, if a model has none, every linear layer except the output head.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Sequence
+from typing import Union
+
+from torch import nn
+
+from lsrfx.errors import LsrfxError
+
+Targets = Union[str, Sequence[str], Callable[[str, nn.Module], bool], None]
+
+# query/value projection names of the architectures people fine-tune (BERT/RoBERTa/ViT, Llama/OPT/BART/Mistral,
+# T5, DistilBERT, GPT-2's fused c_attn, GPT-NeoX/Falcon/Bloom's fused query_key_value, MPT's Wqkv).
+DEFAULT_ATTENTION_NAMES = ("query", "value", "q_proj", "v_proj", "q", "v", "q_lin", "v_lin", "c_attn",
+                           "query_key_value", "Wqkv")
+# Module-name components that mark a model's output head, which the fallback default leaves alone.
+OUTPUT_HEAD_NAMES = frozenset({"lm_head", "classifier", "score", "qa_outputs", "head", "cls", "output_head"})
+
+
+def weight_is_transposed(module: nn.Module) -> bool | None:
+    """``False`` for ``nn.Linear`` (weight ``out x in``), ``True`` for GPT-2's ``Conv1D`` (weight ``in x out``),
+    ``None`` for anything lsrfx does not adapt."""
+    if isinstance(module, nn.Linear):
+        return False
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None:
+        return True
+    return None
+
+
+def linear_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Every adaptable layer by qualified name, in module order."""
+    return {name: m for name, m in model.named_modules() if name and weight_is_transposed(m) is not None}
+
+
+def _suffix_match(name: str, suffix: str) -> bool:
+    return name == suffix or name.endswith("." + suffix)
+
+
+def _is_output_head(name: str) -> bool:
+    return any(part in OUTPUT_HEAD_NAMES for part in name.split("."))
+
+
+def select_targets(model: nn.Module, targets: Targets) -> list[str]:
+    """Names of the layers ``targets`` picks, or an :class:`LsrfxError` that lists the layers that exist."""
+    layers = linear_layers(model)
+    if targets is None:
+        chosen = [n for n in layers if any(_suffix_match(n, s) for s in DEFAULT_ATTENTION_NAMES)]
+        if not chosen:
+            chosen = [n for n in layers if not _is_output_head(n)]
+    elif callable(targets):
+        chosen = [n for n, m in layers.items() if targets(n, m)]
+    elif isinstance(targets, str):
+        try:
+            pattern = re.compile(targets)
+        except re.error as exc:
+            raise LsrfxError(f"targets={targets!r} is not a valid regular expression: {exc}.") from exc
+        chosen = [n for n in layers if pattern.fullmatch(n)]
+    elif isinstance(targets, Iterable):
+        targets = list(targets)
+        if not targets or not all(isinstance(t, str) for t in targets):
+            raise LsrfxError(f"targets={targets!r}: give module-name suffixes (strings), a regex or a predicate.")
+        chosen = [n for n in layers if any(_suffix_match(n, t) for t in targets)]
+    else:
+        raise LsrfxError(f"targets={targets!r}: give module-name suffixes, a regular expression or a predicate.")
+    if not chosen:
+        raise LsrfxError(f"targets={targets!r} matched no linear layer. {describe_layers(layers)}")
+    return chosen
+
+
+def describe_layers(layers: dict[str, nn.Module]) -> str:
+    """A short list of the linear layers that exist, by their distinct last name component."""
+    if not layers:
+        return "The model has no nn.Linear or Conv1D layer."
+    suffixes = sorted({n.rsplit(".", 1)[-1] for n in layers})
+    return f"The model's linear layers end in: {suffixes} (e.g. '{next(iter(layers))}')."
+
+
+def match_parameter_names(model: nn.Module, patterns: Sequence[str]) -> list[str]:
+    """Parameter names under the modules (or equal to the names) given in ``trainable``, e.g. ``["classifier"]``."""
+    names = [n for n, _ in model.named_parameters()]
+    found: list[str] = []
+    for pattern in patterns:
+        rx = re.compile(rf"(^|\.){re.escape(pattern)}(\.|$)")
+        hits = [n for n in names if rx.search(n)]
+        if not hits:
+            heads = sorted({n.split(".")[-2] for n in names if "." in n})
+            raise LsrfxError(
+                f"trainable={list(patterns)!r}: {pattern!r} matches no parameter; name a module or parameter "
+                f"such as one of {heads[:12]}."
+            )
+        found += [n for n in hits if n not in found]
+    return found
