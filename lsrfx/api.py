@@ -85,6 +85,7 @@ def adapt(
     specs = [layer_spec(n, modules[n]) for n in names]
     for spec in specs:
         config.check(spec)
+        _check_finite(spec, modules[spec.name].weight)
     trainable_names = match_parameter_names(root, list(trainable))
     adapters = config.build(specs)
 
@@ -93,7 +94,7 @@ def adapt(
     params = dict(root.named_parameters())
     for n in frozen:
         params[n].requires_grad_(False)
-    for spec, adapter in zip(specs, adapters):
+    for spec, adapter in zip(specs, adapters, strict=True):
         parametrize.register_parametrization(modules[spec.name], "weight", AdaptedWeight(adapter, spec.transposed))
     state = AdaptState(config, names, trainable_names, targets, frozen)
     object.__setattr__(root, STATE_ATTR, state)
@@ -102,6 +103,22 @@ def adapt(
     log.info("lsrfx: adapted %d layers with %s (%s trainable adapter parameters): %s",
              len(names), config.method, f"{n_adapter:,}", ", ".join(names))
     return model
+
+
+def _check_finite(spec: LayerSpec, weight: torch.Tensor) -> None:
+    """Refuse a base weight holding NaN/inf: the adapter would train on garbage and hide where it came from."""
+    if weight.is_meta or not weight.is_floating_point():
+        return
+    with torch.no_grad():
+        bad = ~torch.isfinite(weight)
+        n_bad = int(bad.sum())
+    if n_bad:
+        n_nan = int(torch.isnan(weight).sum())
+        raise LsrfxError(
+            f"layer '{spec.name}' (weight {spec.shape}, {weight.dtype}) has {n_bad} non-finite base weight "
+            f"entries ({n_nan} NaN, {n_bad - n_nan} inf); lsrfx will not adapt it. Check the checkpoint or the "
+            f"dtype conversion that produced it (fp16 overflows above 65504), or leave this layer out of `targets`."
+        )
 
 
 def _record_inputs(state: AdaptState):
@@ -122,7 +139,9 @@ def merge(model: ModelT) -> ModelT:
     """
     root = unwrap(model)
     state = adapt_state(root)
-    for _, module, _ in list(adapted_layers(root)):
+    layers = list(adapted_layers(root))
+    _check_merged_finite(layers)
+    for _, module, _ in layers:
         parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
     if state is not None:
         if state.hook is not None:
@@ -133,6 +152,25 @@ def merge(model: ModelT) -> ModelT:
                 params[n].requires_grad_(True)
         delattr(root, STATE_ATTR)
     return model
+
+
+def _check_merged_finite(layers: list[tuple[str, nn.Module, AdaptedWeight]]) -> None:
+    """Refuse to fold a non-finite ``W0 + dW`` into a plain model (before anything changes), naming the layers."""
+    bad = []
+    with torch.no_grad():
+        for name, module, _ in layers:
+            merged = module.weight
+            if merged.is_meta or bool(torch.isfinite(merged).all()):
+                continue
+            w0 = module.parametrizations["weight"].original
+            source = "the base weight" if not bool(torch.isfinite(w0).all()) else "the adapter update"
+            bad.append(f"'{name}' ({int((~torch.isfinite(merged)).sum())} entries, from {source})")
+    if bad:
+        raise LsrfxError(
+            f"merge refused: W0 + dW is not finite in layer(s) {', '.join(bad)}; the model is unchanged. "
+            "The adapter diverged (lower the learning rate or scale, check the loss for NaN) or, for fp16/bf16 "
+            "weights, dW overflows the weight dtype; reload the last good adapters before merging."
+        )
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
@@ -163,9 +201,9 @@ def summary(model: nn.Module) -> str:
     n_trainable_base = sum(p.numel() for n, p in root.named_parameters() if n in state.trainable)
     header = ("layer", "method", "weight", "rank", "adapter params")
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    line = "  ".join("{:<%d}" % w for w in widths)
-    out = [line.format(*header), line.format(*("-" * w for w in widths))]
-    out += [line.format(*r) for r in rows]
+    line = "  ".join(f"{{:<{w}}}" for w in widths)
+    out = [line.format(*header).rstrip(), line.format(*("-" * w for w in widths))]
+    out += [line.format(*r).rstrip() for r in rows]
     out.append(
         f"{len(rows)} layers adapted with {state.config.method}: {n_adapter:,} adapter parameters = "
         f"{100 * n_adapter / max(n_base, 1):.3f}% of the base model's {n_base:,}"

@@ -54,7 +54,7 @@ def adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     """Adapter parameters by their first qualified name, shared ones (CondLoRA) once."""
     seen: set[int] = set()
     out: dict[str, nn.Parameter] = {}
-    for name, module, param in adapted_layers(model):
+    for name, _, param in adapted_layers(model):
         prefix = f"{name}.parametrizations.weight.0.adapter."
         for pname, p in param.adapter.named_parameters():
             if id(p) not in seen:

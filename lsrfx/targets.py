@@ -16,7 +16,7 @@ from torch import nn
 
 from lsrfx.errors import LsrfxError
 
-Targets = Union[str, Sequence[str], Callable[[str, nn.Module], bool], None]
+Targets = Union[str, Sequence[str], Callable[[str, nn.Module], bool], None]  # noqa: UP007 (a runtime alias)
 
 # query/value projection names of the architectures people fine-tune (BERT/RoBERTa/ViT, Llama/OPT/BART/Mistral,
 # T5, DistilBERT, GPT-2's fused c_attn, GPT-NeoX/Falcon/Bloom's fused query_key_value, MPT's Wqkv).

@@ -70,6 +70,7 @@ class AdapterConfig(abc.ABC):
     def options(self) -> dict:
         return dataclasses.asdict(self)
 
+    @abc.abstractmethod
     def check(self, spec: LayerSpec) -> None:
         """Raise :class:`LsrfxError` naming the layer, its shape and the fix if this config cannot adapt it."""
 

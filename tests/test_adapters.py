@@ -1,0 +1,208 @@
+"""Each method's factors, dense update and layer output against an independent dense reference."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import lsrfx
+from lsrfx.adapters.base import LayerSpec
+from lsrfx.adapters.lsr import LSRConfig, balanced_split, lsr_parameter_count
+from lsrfx.parametrization import adapted_layers, base_weight
+
+OPTIONS = {
+    "lora": dict(r=4, alpha=8.0),
+    "lsr": dict(r1=2, r2=2, separation_rank=3, alpha=4.0),
+    "condlora": dict(r=4, alpha=8.0),
+    "genlora": dict(r=6, group_size=2, alpha=6.0),
+}
+
+
+def _randomize(model: nn.Module) -> None:
+    """Give every adapter parameter non-trivial values, so outputs test the whole update (init zeros B)."""
+    with torch.no_grad():
+        for _, _, param in adapted_layers(model):
+            for p in param.adapter.parameters():
+                p.copy_(torch.randn_like(p) * 0.3)
+
+
+def _mlp(d_in: int = 12, d_hidden: int = 10, d_out: int = 8) -> nn.Module:
+    return nn.Sequential(nn.Linear(d_in, d_hidden), nn.Tanh(), nn.Linear(d_hidden, d_out))
+
+
+def reference_factors(method: str, adapter: nn.Module, w0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A and B from each paper's definition, written independently of lsrfx's implementation."""
+    if method == "lora":
+        return adapter.lora_A, adapter.lora_B
+    if method == "lsr":
+        a = sum(torch.kron(adapter.A1[k], adapter.A2[k]) for k in range(adapter.A1.shape[0]))
+        b = sum(torch.kron(adapter.B1[k], adapter.B2[k]) for k in range(adapter.B1.shape[0]))
+        return a, b
+    if method == "condlora":
+        c_a, c_b = adapter.pair.C_A, adapter.pair.C_B
+        a = c_a @ w0.T if w0.shape[0] == w0.shape[1] else c_a @ w0
+        return a, w0 @ c_b.T
+    if method == "genlora":
+        r, d_in, d_out = adapter.rank, w0.shape[1], w0.shape[0]
+        a = torch.empty(r, d_in, dtype=w0.dtype)
+        b = torch.empty(d_out, r, dtype=w0.dtype)
+        for i in range(r):
+            for j in range(d_in):
+                dist = ((adapter.Z_A[j] - adapter.centres_A[i]) ** 2).sum()
+                a[i, j] = adapter.amplitude_A[i] * torch.exp(-dist * torch.exp(adapter.log_gamma_A[i]))
+            for j in range(d_out):
+                dist = ((adapter.Z_B[j] - adapter.centres_B[i]) ** 2).sum()
+                b[j, i] = adapter.amplitude_B[i] * torch.exp(-dist * torch.exp(adapter.log_gamma_B[i]))
+        return a, b
+    raise AssertionError(method)
+
+
+@pytest.mark.parametrize("method", sorted(OPTIONS))
+def test_factors_delta_and_output_match_dense_reference(method: str) -> None:
+    model = _mlp()
+    lsrfx.adapt(model, method=method, targets=["0", "2"], **OPTIONS[method])
+    _randomize(model)
+    x = torch.randn(5, 12)
+    h = x
+    with torch.no_grad():
+        for _, module, param in adapted_layers(model):
+            adapter, w0 = param.adapter, base_weight(module)
+            a_ref, b_ref = reference_factors(method, adapter, w0)
+            a, b = adapter.factors(w0)
+            assert a.shape == (adapter.rank, w0.shape[1]) and b.shape == (w0.shape[0], adapter.rank)
+            torch.testing.assert_close(a, a_ref, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(b, b_ref, rtol=1e-5, atol=1e-6)
+            dw_ref = adapter.scale * b_ref @ a_ref
+            torch.testing.assert_close(adapter.delta_weight(w0), dw_ref, rtol=1e-5, atol=1e-6)
+            assert torch.linalg.matrix_rank(dw_ref) <= adapter.rank
+            out = h @ (w0 + dw_ref).T + module.bias
+            torch.testing.assert_close(module(h), out, rtol=1e-5, atol=1e-5)
+            h = torch.tanh(out)  # the model is Linear, Tanh, Linear: `out` of the last layer is the model's output
+        torch.testing.assert_close(model(x), out, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", sorted(OPTIONS))
+def test_update_is_zero_at_start(method: str) -> None:
+    model = _mlp()
+    before = model(torch.ones(2, 12)).detach()
+    lsrfx.adapt(model, method=method, targets=["0", "2"], **OPTIONS[method])
+    for _, module, param in adapted_layers(model):
+        assert torch.count_nonzero(param.adapter.delta_weight(base_weight(module))) == 0
+    assert torch.equal(model(torch.ones(2, 12)), before)
+
+
+def test_lsr_paper_init_starts_nonzero() -> None:
+    model = _mlp(16, 16, 16)
+    lsrfx.adapt(model, method="lsr", targets=["0"], r1=2, r2=2, separation_rank=4, init="paper")
+    (_, module, param), = adapted_layers(model)
+    for p in param.adapter.parameters():
+        assert 0.005 < p.std().item() < 0.02  # N(0, 0.01^2)
+    assert param.adapter.delta_weight(base_weight(module)).abs().max() > 0
+
+
+def test_conv1d_weight_stored_in_out_is_adapted_with_transpose() -> None:
+    from transformers.pytorch_utils import Conv1D
+
+    layer = Conv1D(nf=10, nx=6)  # weight (in=6, out=10); y = x @ W + b
+    with torch.no_grad():
+        layer.weight.normal_()
+        layer.bias.normal_()
+    model = nn.Sequential(layer)
+    lsrfx.adapt(model, method="lora", targets=["0"], r=3)
+    _randomize(model)
+    (_, module, param), = adapted_layers(model)
+    w_stored = base_weight(module)
+    assert w_stored.shape == (6, 10)
+    a, b = param.adapter.lora_A, param.adapter.lora_B
+    assert a.shape == (3, 6) and b.shape == (10, 3)  # A: r x d_in, B: d_out x r in PyTorch terms
+    x = torch.randn(2, 4, 6)
+    expected = x @ (w_stored + param.adapter.scale * (b @ a).T) + module.bias
+    torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_balanced_split() -> None:
+    assert balanced_split(768) == (32, 24)
+    assert balanced_split(384) == (24, 16)
+    assert balanced_split(64) == (8, 8)
+    assert balanced_split(13) == (13, 1)
+
+
+def _count_unique(model: nn.Module) -> int:
+    return lsrfx.count_parameters(model)[0]
+
+
+def test_lsr_parameter_count_matches_paper_reference() -> None:
+    spec = LayerSpec("q", 768, 768, False, torch.float32, torch.device("cpu"))
+    config = LSRConfig(r1=2, r2=2, separation_rank=16, in_factors=(32, 24), out_factors=(32, 24))
+    assert lsr_parameter_count(config, spec) == 3584
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(768, 768))
+    lsrfx.adapt(model, config, targets=["0"])
+    assert _count_unique(model) == 3584  # against LoRA r = 8: 12,288
+    lora = nn.Sequential(nn.Linear(768, 768, device="meta"))
+    lsrfx.adapt(lora, method="lora", targets=["0"], r=8)
+    assert _count_unique(lora) == 12288
+
+
+def test_condlora_shares_one_pair_per_group_roberta_base_counts() -> None:
+    from transformers import RobertaConfig, RobertaModel
+
+    with torch.device("meta"):  # RoBERTa-base shapes without allocating 125M parameters
+        cond = RobertaModel(RobertaConfig())
+        lora = RobertaModel(RobertaConfig())
+    lsrfx.adapt(cond, method="condlora", targets=["query", "value"], r=8, alpha=8)
+    lsrfx.adapt(lora, method="lora", targets=["query", "value"], r=8)
+    assert _count_unique(cond) == 24576
+    assert _count_unique(lora) == 294912
+    pairs = {id(param.adapter.pair) for _, _, param in adapted_layers(cond)}
+    assert len(pairs) == 2  # one for every `query`, one for every `value`
+
+
+def test_condlora_groups_split_by_shape_and_nonsquare_uses_extension() -> None:
+    model = nn.ModuleDict({"a": nn.ModuleDict({"proj": nn.Linear(8, 8)}), "b": nn.ModuleDict({"proj": nn.Linear(8, 8)}),
+                           "c": nn.ModuleDict({"proj": nn.Linear(8, 6)})})
+    lsrfx.adapt(model, method="condlora", targets=["proj"], r=2)
+    params = {name: p for name, _, p in adapted_layers(model)}
+    assert params["a.proj"].adapter.pair is params["b.proj"].adapter.pair
+    assert params["c.proj"].adapter.pair is not params["a.proj"].adapter.pair
+    assert params["c.proj"].adapter.pair.C_A.shape == (2, 6)  # r x d_out for non-square W0
+    assert params["a.proj"].adapter.pair.C_A.shape == (2, 8)
+
+
+def test_genlora_parameter_count_matches_formula() -> None:
+    d_out, d_in, g, r = 24, 40, 3, 5
+    model = nn.Sequential(nn.Linear(d_in, d_out))
+    lsrfx.adapt(model, method="genlora", targets=["0"], r=r, group_size=g)
+    assert _count_unique(model) == g * (d_in + d_out) + 2 * r * (g + 2)
+    with torch.device("meta"):
+        big = nn.Sequential(nn.Linear(768, 768))
+    lsrfx.adapt(big, method="genlora", targets=["0"], r=32, group_size=2)
+    assert _count_unique(big) == 3328
+
+
+@pytest.mark.parametrize("method", sorted(OPTIONS))
+def test_gradcheck_through_factors_float64(method: str) -> None:
+    model = _mlp(8, 6, 4).double()
+    lsrfx.adapt(model, method=method, targets=["0", "2"],
+                **{**OPTIONS[method], **({"r": 3} if "r" in OPTIONS[method] else {"separation_rank": 2})})
+    _randomize(model)
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert params
+    x = torch.randn(3, 8, dtype=torch.float64)
+
+    def fn(*values: torch.Tensor) -> torch.Tensor:
+        return torch.func.functional_call(model, dict(zip(params, values, strict=True)), (x,))
+
+    assert torch.autograd.gradcheck(fn, tuple(params.values()), eps=1e-6, atol=1e-5)
+
+
+def test_kaiming_init_of_lora_a_matches_peft_bound() -> None:
+    model = nn.Sequential(nn.Linear(400, 30))
+    lsrfx.adapt(model, method="lora", targets=["0"], r=8)
+    (_, _, param), = adapted_layers(model)
+    bound = 1 / math.sqrt(400)  # kaiming_uniform(a=sqrt(5)) gives U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+    assert param.adapter.lora_A.abs().max() <= bound
+    assert param.adapter.lora_A.abs().max() > 0.9 * bound
