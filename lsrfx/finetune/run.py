@@ -1,0 +1,181 @@
+"""One fine-tuning job: for each method and seed, adapt the frozen encoder, train adapters + head, evaluate on
+validation then test, save the adapters and export a merged ONNX model; then write ``report.json``/``report.png``."""
+
+from __future__ import annotations
+
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import lsrfx
+from lsrfx.adapters import make_config
+from lsrfx.api import adapt_state, unwrap
+from lsrfx.finetune import defaults
+from lsrfx.finetune.batches import batches, encode
+from lsrfx.finetune.data import TextData, default_data_path, load_data
+from lsrfx.finetune.errors import FinetuneError
+from lsrfx.finetune.evaluate import evaluate
+from lsrfx.finetune.model import check_model_dir, default_model_dir, head_name, load_classifier, load_tokenizer
+from lsrfx.finetune.outdir import check_out_dir, staged_output
+from lsrfx.finetune.report import format_table, summarise, write_json, write_plot
+from lsrfx.finetune.train import TrainSettings, train
+from lsrfx.parametrization import adapter_parameters
+
+EVAL_BATCH_SIZE = 128
+
+
+@dataclass
+class FinetuneSettings:
+    """Everything ``lsrfx finetune`` takes; ``None`` means the default."""
+
+    out: Path
+    methods: list[str] = field(default_factory=lambda: [defaults.DEFAULT_METHOD])
+    seeds: list[int] = field(default_factory=lambda: [0])
+    model_dir: Path | None = None
+    data_path: Path | None = None
+    targets: list[str] | None = None
+    options: dict[str, dict[str, Any]] = field(default_factory=dict)  # per method
+    epochs: int = defaults.EPOCHS
+    batch_size: int = defaults.BATCH_SIZE
+    lr: float | None = None  # adapter learning rate; None: the per-method default
+    head_lr: float = defaults.HEAD_LR
+    max_length: int = defaults.MAX_LENGTH
+    validation_fraction: float = defaults.VALIDATION_FRACTION
+    compile: bool = True
+    export: bool = True
+    overwrite: bool = False
+    command: str = ""
+
+    def adapter_lr(self, method: str) -> float:
+        return self.lr if self.lr is not None else defaults.ADAPTER_LR.get(method, defaults.ADAPTER_LR["lora"])
+
+
+def check_settings(s: FinetuneSettings) -> None:
+    """Reject bad methods, options and numbers before any heavy work."""
+    for method in s.methods:
+        make_config(method, s.options.get(method, {}))
+    for name, value, low in (("--epochs", s.epochs, 1), ("--batch-size", s.batch_size, 1),
+                             ("--max-length", s.max_length, 4)):
+        if value < low:
+            raise FinetuneError(f"{name} must be >= {low} (got {value}).")
+    for name, value in (("--lr", s.lr), ("--head-lr", s.head_lr)):
+        if value is not None and not value > 0:
+            raise FinetuneError(f"{name} must be > 0 (got {value}).")
+    if not 0 < s.validation_fraction < 1:
+        raise FinetuneError(f"--validation-fraction must be between 0 and 1 (got {s.validation_fraction}).")
+    if len(set(s.seeds)) != len(s.seeds):
+        raise FinetuneError(f"--seeds repeats a seed: {s.seeds}.")
+
+
+def run_finetune(s: FinetuneSettings, log=print) -> dict:
+    """Run every (method, seed), write the outputs into ``s.out`` (all or nothing) and return the report."""
+    check_settings(s)
+    check_out_dir(Path(s.out), s.overwrite)
+    model_dir = check_model_dir(Path(s.model_dir) if s.model_dir else default_model_dir())
+    data_path = Path(s.data_path) if s.data_path else default_data_path()
+    first = load_data(data_path, validation_fraction=s.validation_fraction, seed=s.seeds[0])
+    tokenizer = load_tokenizer(model_dir)
+    with staged_output(Path(s.out), s.overwrite) as stage:
+        runs = []
+        for method in s.methods:
+            for seed in s.seeds:
+                data = first if seed == s.seeds[0] else load_data(
+                    data_path, validation_fraction=s.validation_fraction, seed=seed)
+                run_dir = stage / f"{method}-seed{seed}"
+                run_dir.mkdir()
+                runs.append(run_one(s, method, seed, data, tokenizer, model_dir, run_dir, log))
+        summary = summarise(runs)
+        report = {
+            "lsrfx_version": lsrfx.__version__,
+            "command": s.command,
+            "model": str(model_dir),
+            "data": str(data_path),
+            "labels": first.label_names,
+            "splits": {"train": len(first.train), "validation": len(first.validation), "test": len(first.test)},
+            "settings": {
+                "methods": s.methods, "seeds": s.seeds, "targets": s.targets or list(defaults.DEFAULT_TARGETS),
+                "epochs": s.epochs, "batch_size": s.batch_size, "head_lr": s.head_lr, "max_length": s.max_length,
+                "validation_fraction": s.validation_fraction, "compile": s.compile, "export": s.export,
+            },
+            "environment": {"python": platform.python_version(), "torch": torch.__version__,
+                            "threads": torch.get_num_threads(), "platform": platform.platform()},
+            "summary": summary,
+            "runs": runs,
+        }
+        write_json(stage / "report.json", report)
+        write_plot(stage / "report.png", report)
+    log("\n" + format_table(summary))
+    log(f"\nwrote {Path(s.out) / 'report.json'} and {Path(s.out) / 'report.png'}")
+    return report
+
+
+def run_one(s: FinetuneSettings, method: str, seed: int, data: TextData, tokenizer, model_dir: Path,
+            run_dir: Path, log) -> dict:
+    """Train and evaluate one method with one seed; save adapters and the exported model into ``run_dir``."""
+    torch.manual_seed(seed)
+    model = load_classifier(model_dir, data.label_names)
+    head = head_name(model)
+    if s.compile:
+        model = torch.compile(model)
+    options = s.options.get(method, {})
+    model = lsrfx.adapt(model, method=method, targets=s.targets or list(defaults.DEFAULT_TARGETS),
+                        trainable=(head,), **options)
+    config = adapt_state(model).config
+    n_adapter, n_base = lsrfx.count_parameters(model)
+    n_head = sum(p.numel() for n, p in unwrap(model).named_parameters() if p.requires_grad and n.startswith(head))
+    log(f"\n== {method} (seed {seed}): {n_adapter:,} adapter parameters + {n_head:,} head parameters "
+        f"(lr {s.adapter_lr(method):g}, head lr {s.head_lr:g}, {'compiled' if s.compile else 'eager'})")
+
+    train_data = encode(tokenizer, data.train, s.max_length)
+    val_batches = batches(encode(tokenizer, data.validation, s.max_length), EVAL_BATCH_SIZE)
+    test_batches = batches(encode(tokenizer, data.test, s.max_length), EVAL_BATCH_SIZE)
+    settings = TrainSettings(s.epochs, s.batch_size, s.adapter_lr(method), s.head_lr)
+    params = list(adapter_parameters(unwrap(model)).values())
+    history = train(model, params, train_data, val_batches, settings, seed=seed, label=f"{method} s{seed}")
+    test = evaluate(model, test_batches)
+    log(f"   validation accuracy {history.validation[-1]['accuracy']:.4f}, test accuracy {test.accuracy:.4f}, "
+        f"median step {1000 * history.median_step_time():.0f} ms")
+
+    record = {
+        "method": method,
+        "seed": seed,
+        "options": config.options(),
+        "lr": settings.lr,
+        "adapter_params": n_adapter,
+        "head_params": n_head,
+        "base_params": n_base,
+        "compiled": s.compile,
+        "first_step_s": history.step_times[0],
+        "step_time_s": history.median_step_time(),
+        "train_seconds": history.train_seconds,
+        "losses": history.losses,
+        "validation": history.validation,
+        "test": test.as_dict(),
+        "summary": lsrfx.summary(model),
+    }
+    record.update(save_and_export(model, run_dir, s.export, log))
+    return record
+
+
+def save_and_export(model, run_dir: Path, export: bool, log) -> dict:
+    """Save the adapters (safetensors) and, if asked, merge and export to ONNX with verification."""
+    out: dict[str, Any] = {}
+    if hasattr(lsrfx, "save_adapters"):
+        lsrfx.save_adapters(model, run_dir / "adapters")
+        out["adapters_dir"] = f"{run_dir.name}/adapters"
+    if export and hasattr(lsrfx, "merge_and_export"):
+        t0 = time.perf_counter()
+        rep = lsrfx.merge_and_export(model, run_dir / "model.onnx")
+        out["export"] = {"path": f"{run_dir.name}/model.onnx", "seconds": time.perf_counter() - t0,
+                         **{k: v for k, v in vars(rep).items() if k != "path"}}
+        log(f"   exported {run_dir.name}/model.onnx")
+    return out
+
+
+def command_line() -> str:
+    return " ".join(["lsrfx", *sys.argv[1:]])
