@@ -1,0 +1,73 @@
+"""Put the lsrfx rewrite into Inductor's ``pre_grad_custom_pass``, chained with any pass already there.
+
+The pass runs on Dynamo's captured graph before AOTAutograd, so ``torch.compile(lsrfx.adapt(m))`` and
+``lsrfx.adapt(torch.compile(m))`` both get it with the default Inductor backend. It is a ``CustomGraphPass`` with a
+``uuid()`` (a hash of the pass's source files and the fusion policy) so Inductor's caches stay correct. A user's
+pass is kept: the config becomes ``[lsrfx pass, *user passes]``. Graphs without lsrfx ``compose`` nodes come out
+unchanged, so other models compiled in the same process are not affected.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from torch import fx
+from torch._inductor import config as inductor_config
+from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
+
+from lsrfx.passes import cost_model
+from lsrfx.passes.fuse import fuse_adapted_linears
+
+log = logging.getLogger("lsrfx.compile")
+_SOURCES = tuple(
+    str(p) for p in sorted(Path(__file__).parent.glob("*.py")) + sorted((Path(__file__).parent.parent / "kernels")
+                                                                       .glob("*.py"))
+)
+
+
+class LsrfxFusePass(CustomGraphPass):
+    """Inductor pre-grad pass: fuse every adapted linear-like node (see :mod:`lsrfx.passes.fuse`)."""
+
+    def __call__(self, graph: fx.Graph) -> None:
+        if log.isEnabledFor(logging.DEBUG) and _has_compose(graph):
+            log.debug("lsrfx: captured graph before the pass:\n%s", graph)
+        decisions = fuse_adapted_linears(graph)
+        if decisions and log.isEnabledFor(logging.DEBUG):
+            log.debug("lsrfx: graph after the pass:\n%s", graph)
+
+    def uuid(self) -> bytes:
+        return get_hash_for_files(_SOURCES) + cost_model.policy().encode()
+
+
+def _has_compose(graph: fx.Graph) -> bool:
+    return any("lsrfx.compose" in str(n.target) for n in graph.nodes if n.op == "call_function")
+
+
+FUSE_PASS = LsrfxFusePass()
+
+
+def _passes(value: object) -> list:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def install() -> None:
+    """Add the lsrfx pass in front of the configured ``pre_grad_custom_pass`` (idempotent).
+
+    Call again if code set ``torch._inductor.config.pre_grad_custom_pass`` after ``import lsrfx``."""
+    current = _passes(inductor_config.pre_grad_custom_pass)
+    if any(isinstance(p, LsrfxFusePass) for p in current):
+        return
+    inductor_config.pre_grad_custom_pass = [FUSE_PASS, *current]
+
+
+def uninstall() -> None:
+    """Remove the lsrfx pass, keeping any other configured pass."""
+    rest = [p for p in _passes(inductor_config.pre_grad_custom_pass) if not isinstance(p, LsrfxFusePass)]
+    inductor_config.pre_grad_custom_pass = rest[0] if len(rest) == 1 else (rest or None)
+
+
+def installed() -> bool:
+    return any(isinstance(p, LsrfxFusePass) for p in _passes(inductor_config.pre_grad_custom_pass))

@@ -1,0 +1,29 @@
+"""``LSRFX_LOG``: watch the compile pass in a real run without changing code.
+
+``LSRFX_LOG=1`` (or ``info``) logs, for every graph Inductor compiles, each adapted node's decision (fused or
+materialised, and why) and the number fused; ``LSRFX_LOG=debug`` (or ``2``) adds the captured graph before and
+after the pass. Messages go to the ``lsrfx.compile`` logger (stderr), which can also be configured with
+``logging`` directly.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+LOGGER = "lsrfx.compile"
+_LEVELS = {"1": logging.INFO, "info": logging.INFO, "2": logging.DEBUG, "debug": logging.DEBUG}
+
+
+def configure_from_env() -> None:
+    """Attach a stderr handler to ``lsrfx.compile`` at the level ``LSRFX_LOG`` asks for (no-op when unset)."""
+    level = _LEVELS.get(os.environ.get("LSRFX_LOG", "").strip().lower())
+    if level is None:
+        return
+    logger = logging.getLogger(LOGGER)
+    logger.setLevel(level)
+    if not any(getattr(h, "_lsrfx", False) for h in logger.handlers):
+        handler = logging.StreamHandler()
+        handler._lsrfx = True  # type: ignore[attr-defined]
+        handler.setFormatter(logging.Formatter("[%(name)s] %(message)s"))
+        logger.addHandler(handler)
