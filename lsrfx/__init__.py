@@ -7,6 +7,8 @@ back in, ``summary`` shows what was adapted.
 from lsrfx.adapters import METHODS, CondLoRAConfig, GenLoRAConfig, LoRAConfig, LSRConfig
 from lsrfx.api import adapt, count_parameters, merge, summary
 from lsrfx.errors import LsrfxError
+from lsrfx.explain import explain
+from lsrfx.export import load_adapters, merge_and_export, save_adapters
 
 __version__ = "0.1.0"
 
@@ -19,6 +21,10 @@ __all__ = [
     "LsrfxError",
     "adapt",
     "count_parameters",
+    "explain",
+    "load_adapters",
     "merge",
+    "merge_and_export",
+    "save_adapters",
     "summary",
 ]

@@ -1,0 +1,7 @@
+"""Shipping a fine-tune: ``merge_and_export`` to ONNX, and ``save_adapters`` / ``load_adapters`` for the small
+adapter files."""
+
+from lsrfx.export.adapters_io import load_adapters, save_adapters
+from lsrfx.export.onnx import ExportReport, merge_and_export
+
+__all__ = ["ExportReport", "load_adapters", "merge_and_export", "save_adapters"]

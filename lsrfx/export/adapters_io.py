@@ -1,0 +1,236 @@
+"""``save_adapters`` / ``load_adapters``: the small files of a fine-tune, bound to the base model they were trained on.
+
+A directory holds ``adapters.safetensors`` (every adapter tensor once, CondLoRA's shared conversion pairs included
+once, plus the base parameters trained through ``adapt(trainable=...)``) and ``adapter_config.json`` (format
+version, lsrfx version, method and options, the adapted layers, the user's ``targets`` when they are
+serialisable, and a fingerprint per adapted layer: shape, dtype and SHA-256 of its frozen base weight).
+
+Loading checks every fingerprint first, so adapters never land silently on a different base model. A model that
+is not adapted yet is adapted from the saved config (same method, options and exact layer list) and then filled:
+this is what a user loading a fine-tune into a freshly built base model expects, and it reproduces the trained
+model's outputs exactly. An adapted model must carry the same method, options and layers; its adapter values are
+replaced. On any error the model is left as it was.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from lsrfx.adapters import make_config
+from lsrfx.api import STATE_ATTR, adapt, adapt_state, unwrap
+from lsrfx.errors import LsrfxError
+from lsrfx.parametrization import adapted_layers, adapter_parameters, base_weight
+
+FORMAT = "lsrfx-adapters"
+FORMAT_VERSION = 1
+TENSORS_FILE = "adapters.safetensors"
+CONFIG_FILE = "adapter_config.json"
+
+
+def fingerprint(weight: Tensor) -> dict[str, Any]:
+    """Shape, dtype and SHA-256 of a base weight's bytes: any changed value, layout or precision changes it."""
+    data = weight.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
+    return {"shape": list(weight.shape), "dtype": str(weight.dtype).removeprefix("torch."),
+            "sha256": hashlib.sha256(data.tobytes()).hexdigest()}
+
+
+def _serialisable_targets(targets: Any) -> Any:
+    if targets is None or isinstance(targets, str):
+        return targets
+    if isinstance(targets, (list, tuple)) and all(isinstance(t, str) for t in targets):
+        return list(targets)
+    return None  # a predicate: the exact layer list in "layers" still replays it
+
+
+def save_adapters(model: nn.Module, directory: str | os.PathLike) -> Path:
+    """Write the adapters of ``model`` (plain or compiled) to ``directory``; returns the directory.
+
+    Files are replaced atomically (written under temporary names, then renamed).
+    """
+    from safetensors.torch import save_file
+
+    import lsrfx
+
+    root = unwrap(model)
+    state = adapt_state(root)
+    if state is None:
+        raise LsrfxError(f"{type(root).__name__} has no lsrfx adapters to save; call lsrfx.adapt(model, ...) first.")
+    modules = dict(root.named_modules())
+    params = dict(root.named_parameters())
+    tensors = {name: p.detach().cpu().contiguous() for name, p in adapter_parameters(root).items()}
+    trained_base = {n: params[n].detach().cpu().contiguous() for n in state.trainable if n in params}
+    tensors.update(trained_base)
+    config = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "lsrfx_version": lsrfx.__version__,
+        "method": state.config.method,
+        "options": _jsonable(state.config.options()),
+        "targets": _serialisable_targets(state.targets),
+        "layers": {name: fingerprint(base_weight(modules[name])) for name in state.layers},
+        "adapter_tensors": sorted(set(tensors) - set(trained_base)),
+        "trainable": sorted(trained_base),
+    }
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        _atomic_write(directory / TENSORS_FILE, lambda f: save_file(tensors, f, metadata={"format": "pt"}))
+        _atomic_write(directory / CONFIG_FILE,
+                      lambda f: Path(f).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n"))
+    except OSError as exc:
+        raise LsrfxError(f"cannot write adapters to {directory}: {exc.strerror or exc}; "
+                         "choose a writable directory.") from exc
+    return directory
+
+
+def load_adapters(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
+    """Load adapters saved by :func:`save_adapters` into ``model`` (plain or compiled) and return ``model``.
+
+    A model without adapters is adapted from the saved config first; an adapted one must match it. Fails with
+    an :class:`LsrfxError`, leaving the model unchanged, when the base weights differ from the ones the adapters
+    were trained on (fingerprint), or when method, options, layers or tensor shapes disagree.
+    """
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    config = _read_config(directory)
+    try:
+        tensors = load_file(directory / TENSORS_FILE)
+    except (OSError, Exception) as exc:
+        raise LsrfxError(f"cannot read {directory / TENSORS_FILE}: {exc}; is it a save_adapters directory?") from exc
+    root = unwrap(model)
+    saved_config = make_config(config["method"], _from_json(config["options"]))
+    layers = list(config["layers"])
+    _check_base(root, config["layers"])
+    state = adapt_state(root)
+    fresh = state is None
+    if fresh:
+        if any(True for _ in adapted_layers(root)):
+            raise LsrfxError("the model holds lsrfx parametrizations but no adapt state; rebuild it from the base.")
+        wanted = set(layers)
+        adapt(model, saved_config, targets=lambda name, _m: name in wanted, trainable=config["trainable"])
+    else:
+        _check_same_adaptation(state, saved_config, layers)
+    try:
+        _fill(root, tensors, config)
+    except LsrfxError:
+        if fresh:
+            _undo_adapt(root)
+        raise
+    return model
+
+
+def _read_config(directory: Path) -> dict:
+    file = directory / CONFIG_FILE
+    try:
+        config = json.loads(file.read_text())
+    except OSError as exc:
+        raise LsrfxError(f"cannot read {file}: {exc.strerror or exc}; pass the directory save_adapters wrote.") from exc
+    except json.JSONDecodeError as exc:
+        raise LsrfxError(f"{file} is not valid JSON ({exc}); the adapter directory is damaged.") from exc
+    if config.get("format") != FORMAT or config.get("format_version") != FORMAT_VERSION:
+        raise LsrfxError(f"{file} is not an lsrfx adapter config of format version {FORMAT_VERSION} "
+                         f"(found format={config.get('format')!r}, version={config.get('format_version')!r}).")
+    return config
+
+
+def _check_base(root: nn.Module, layers: dict[str, dict]) -> None:
+    """Every saved layer exists and its base weight has the saved fingerprint."""
+    modules = dict(root.named_modules())
+    for name, saved in layers.items():
+        module = modules.get(name)
+        if module is None or getattr(module, "weight", None) is None:
+            raise LsrfxError(
+                f"the adapters were trained on a model with layer '{name}', which this {type(root).__name__} "
+                "does not have; load them into the base model they were saved from."
+            )
+        weight = base_weight(module) if parametrize.is_parametrized(module, "weight") else module.weight
+        found = fingerprint(weight)
+        if found != saved:
+            what = ("shape/dtype " + f"{found['shape']} {found['dtype']} vs saved {saved['shape']} {saved['dtype']}"
+                    if found["shape"] != saved["shape"] or found["dtype"] != saved["dtype"] else "values")
+            raise LsrfxError(
+                f"base weight of layer '{name}' differs from the one these adapters were trained on ({what}); "
+                "load them into the same base model (same checkpoint, dtype and layout) they were saved from."
+            )
+
+
+def _check_same_adaptation(state, saved_config, layers: list[str]) -> None:
+    if state.config != saved_config:
+        raise LsrfxError(
+            f"the model is adapted with {state.config} but the saved adapters use {saved_config}; load into a "
+            "model adapted the same way, or into the plain base model (it is then adapted from the saved config)."
+        )
+    if list(state.layers) != layers:
+        missing = sorted(set(layers) - set(state.layers))
+        extra = sorted(set(state.layers) - set(layers))
+        raise LsrfxError(f"the model's adapted layers differ from the saved ones (missing {missing[:5]}, extra "
+                         f"{extra[:5]}); load into the plain base model so lsrfx adapts the saved layers.")
+
+
+def _fill(root: nn.Module, tensors: dict[str, Tensor], config: dict) -> None:
+    """Copy the saved tensors in after checking names and shapes of all of them."""
+    params = dict(root.named_parameters())
+    targets = dict(adapter_parameters(root))
+    for name in config["trainable"]:
+        targets[name] = params.get(name)
+    expected = set(config["adapter_tensors"]) | set(config["trainable"])
+    if set(targets) != expected or set(tensors) != expected:
+        diff = sorted(set(targets) ^ expected) or sorted(set(tensors) ^ expected)
+        raise LsrfxError(f"saved adapter tensors do not match the model's (e.g. {diff[:3]}); the files come from "
+                         "a different lsrfx adapter layout.")
+    for name, t in tensors.items():
+        p = targets[name]
+        if p is None or p.shape != t.shape:
+            raise LsrfxError(f"saved tensor '{name}' has shape {tuple(t.shape)}, the model's "
+                             f"{None if p is None else tuple(p.shape)}; the adapters belong to another model.")
+    with torch.no_grad():
+        for name, t in tensors.items():
+            targets[name].copy_(t.to(targets[name].dtype))
+
+
+def _undo_adapt(root: nn.Module) -> None:
+    """Reverse an ``adapt`` made by ``load_adapters`` (base weights restored untouched, freezing undone)."""
+    state = adapt_state(root)
+    for _, module, _ in list(adapted_layers(root)):
+        parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
+    if state is not None:
+        if state.hook is not None:
+            state.hook.remove()
+        params = dict(root.named_parameters())
+        for n in state.frozen:
+            if n in params:
+                params[n].requires_grad_(True)
+        delattr(root, STATE_ATTR)
+
+
+def _atomic_write(target: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def _from_json(options: dict) -> dict:
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}

@@ -1,0 +1,228 @@
+"""``merge_and_export``: fold the adapters into a copy of the model and write a checked, verified ONNX file.
+
+The caller's model is never modified (it stays adapted and trainable): the work happens on an
+:func:`~lsrfx.export.copy.independent_copy`. The file is written into a temporary directory next to ``path``,
+checked with ``onnx.checker``, run in onnxruntime, and only then renamed into place, so a failure leaves nothing
+half-written. With ``merge=False`` the adapters stay separate in the graph (``lsrfx`` ops translated to standard
+ONNX ops by :mod:`lsrfx.export.onnx_ops`).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lsrfx.api import merge as merge_adapters
+from lsrfx.api import unwrap
+from lsrfx.errors import LsrfxError
+from lsrfx.export import inputs as inp
+from lsrfx.export import verify as ver
+from lsrfx.export.copy import independent_copy
+
+
+@dataclass(frozen=True)
+class ExportReport:
+    """What ``merge_and_export`` wrote: file, size in bytes (with any external-data file), ONNX opset, largest
+    onnxruntime-vs-PyTorch difference over both checked sizes (``None`` with ``verify=False``), graph node count,
+    whether adapters were merged, and the symbolic axes of each graph input."""
+
+    path: Path
+    size: int
+    opset: int
+    max_diff: float | None
+    node_count: int
+    merged: bool = True
+    dynamic_axes: dict[str, list[int]] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        diff = "not verified" if self.max_diff is None else f"max abs diff vs PyTorch {self.max_diff:.2e}"
+        return (f"{self.path}: {self.size / 1e6:.2f} MB, opset {self.opset}, {self.node_count} nodes, "
+                f"{'merged' if self.merged else 'adapters separate'}, {diff}")
+
+
+def merge_and_export(
+    model: nn.Module,
+    path: str | os.PathLike,
+    example_inputs: Any = None,
+    *,
+    dynamic: bool = True,
+    opset: int | None = None,
+    verify: bool = True,
+    merge: bool = True,
+) -> ExportReport:
+    """Export an adapted model (plain or ``torch.compile``d) to ONNX with its adapters merged into the weights.
+
+    ``example_inputs``: a tensor, a tuple of positional arguments, a dict of keyword arguments or an
+    ``(args, kwargs)`` pair; by default the inputs of the model's latest forward call, else a Hugging Face model's
+    ``dummy_inputs`` (``labels`` and similar training-only keywords are dropped; a ``transformers`` cache is
+    turned off). ``dynamic``: batch and sequence axes (dims 0 and 1 of each tensor input) stay symbolic where the
+    model allows. ``opset``: the ONNX opset (default: the exporter's). ``verify``: run the file in onnxruntime on
+    the example inputs (against the adapted model) and on a second batch/sequence size (against the exported
+    PyTorch model) and raise if outputs differ beyond the tolerance in :mod:`lsrfx.export.verify`. ``merge=False``
+    keeps the adapter tensors separate in the graph. The caller's model is left as it was, adapted and trainable.
+    """
+    path = Path(path)
+    workdir = _workdir(path)
+    try:
+        root = unwrap(model)
+        found, source = inp.find_inputs(model, root, example_inputs)
+        inputs = inp.clean(root, found)
+        if dynamic:
+            inputs = inp.widen(inputs)
+        clone = independent_copy(model)
+        clone.eval()
+        _disable_cache(clone)
+        reference = _forward(clone, inputs, source)
+        if merge:
+            merge_adapters(clone)
+        program = _export(clone, inputs, dynamic=dynamic, opset=opset, merge=merge)
+        staged = workdir / path.name
+        program.save(staged)
+        proto = _check(staged)
+        symbols = _symbolic_axes(proto)
+        max_diff = None
+        if verify:
+            sess = ver.session(str(staged))
+            max_diff = ver.max_difference(ver.run(sess, inp.tensors(inputs)), reference,
+                                          f"export of {type(root).__name__} on the example inputs")
+            if any(symbols):
+                second = inp.second_size(inputs, symbols)
+                ref2 = _forward(clone, second, "second size")
+                got2 = ver.run(sess, inp.tensors(second))
+                max_diff = max(max_diff, ver.max_difference(
+                    got2, ref2, f"export of {type(root).__name__} at a second batch/sequence size"))
+            del sess
+        size = _publish(workdir, path)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    names = [i.name for i in proto.graph.input]
+    return ExportReport(
+        path=path, size=size, opset=_opset(proto), max_diff=max_diff, node_count=len(proto.graph.node),
+        merged=merge, dynamic_axes={n: sorted(s) for n, s in zip(names, symbols, strict=True) if s},
+    )
+
+
+def _workdir(path: Path) -> Path:
+    """A temporary directory beside ``path``: proves the location is writable before any work is done."""
+    if path.is_dir():
+        raise LsrfxError(f"export path {path} is a directory; give a file name such as {path / 'model.onnx'}.")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    except OSError as exc:
+        raise LsrfxError(
+            f"cannot write the ONNX file to {path}: {exc.strerror or exc}; choose a writable directory."
+        ) from exc
+
+
+def _disable_cache(model: nn.Module) -> None:
+    """A ``transformers`` key/value cache is generation state, not part of a single-pass inference graph."""
+    config = getattr(model, "config", None)
+    if config is not None and getattr(config, "use_cache", None):
+        config.use_cache = False
+
+
+def _forward(model: nn.Module, inputs: inp.Inputs, source: str) -> list[torch.Tensor]:
+    args, kwargs = inputs
+    try:
+        with torch.no_grad():
+            return ver.torch_outputs(model(*args, **kwargs))
+    except Exception as exc:
+        raise LsrfxError(
+            f"{type(model).__name__}.forward fails on the example inputs ({source}: {_describe(inputs)}): "
+            f"{_first_line(exc)}{_where(exc)}. Pass example_inputs= that forward accepts."
+        ) from exc
+
+
+def _export(model: nn.Module, inputs: inp.Inputs, *, dynamic: bool, opset: int | None, merge: bool):
+    """``torch.export`` (non-strict) then the dynamo ONNX exporter, each failure named with its place and fix."""
+    from lsrfx.export.onnx_ops import translation_table
+
+    args, kwargs = inputs
+    name = type(model).__name__
+    try:
+        exported = torch.export.export(model, args, kwargs, dynamic_shapes=inp.shapes_spec(inputs) if dynamic else None,
+                                       strict=False)
+    except Exception as exc:
+        hint = " or dynamic=False if the error is about symbolic shapes" if dynamic else ""
+        raise LsrfxError(
+            f"torch.export could not capture {name}.forward with the example inputs ({_describe(inputs)}): "
+            f"{_first_line(exc)}{_where(exc)}. Pass example_inputs= that take the path you want to deploy{hint}."
+        ) from exc
+    try:
+        # Unmerged graphs skip the optimizer: its constant folding would merge the adapters anyway.
+        return torch.onnx.export(exported, dynamo=True, opset_version=opset, optimize=merge, verbose=False,
+                                 custom_translation_table=None if merge else translation_table())
+    except Exception as exc:
+        fix = "export with merge=True (adapters folded in)" if not merge else "check the operator in the message"
+        raise LsrfxError(
+            f"the ONNX exporter could not translate {name}: {_first_line(exc)}{_where(exc)}; {fix}, or pass "
+            "example_inputs= that avoid the failing part."
+        ) from exc
+
+
+def _check(file: Path):
+    import onnx
+
+    try:
+        onnx.checker.check_model(str(file))
+    except Exception as exc:
+        raise LsrfxError(f"onnx.checker rejected the exported graph: {_first_line(exc)}; nothing was written.") from exc
+    return onnx.load(str(file), load_external_data=False)
+
+
+def _symbolic_axes(proto) -> list[dict[int, str]]:
+    """For each graph input, its symbolic axes (axis -> symbol name)."""
+    return [{i: d.dim_param for i, d in enumerate(v.type.tensor_type.shape.dim) if d.dim_param}
+            for v in proto.graph.input]
+
+
+def _opset(proto) -> int:
+    return next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
+def _publish(workdir: Path, path: Path) -> int:
+    """Rename the staged files into place, external data first so the model file never points at nothing."""
+    staged = sorted(workdir.iterdir(), key=lambda f: f.name == path.name)
+    for f in staged:
+        os.replace(f, path.parent / f.name)
+    return sum((path.parent / f.name).stat().st_size for f in staged)
+
+
+def _describe(inputs: inp.Inputs) -> str:
+    args, kwargs = inputs
+    show = lambda v: f"Tensor{tuple(v.shape)}" if isinstance(v, torch.Tensor) else repr(v)  # noqa: E731
+    parts = [show(a) for a in args] + [f"{k}={show(v)}" for k, v in kwargs.items()]
+    return ", ".join(parts) or "no inputs"
+
+
+def _first_line(exc: BaseException) -> str:
+    text = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+_LIBRARY_PARTS = (f"{os.sep}torch{os.sep}", f"{os.sep}onnxscript{os.sep}", f"{os.sep}onnx{os.sep}",
+                  f"{os.sep}lsrfx{os.sep}export{os.sep}", f"{os.sep}contextlib.py", f"{os.sep}functools.py")
+
+
+def _where(exc: BaseException) -> str:
+    """`` (at file:line in function)`` for the deepest frame of the model's own code in the exception chain."""
+    frames = []
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        frames += traceback.extract_tb(exc.__traceback__)
+        exc = exc.__cause__ or exc.__context__
+    user = [f for f in frames if not f.filename.startswith("<") and not any(p in f.filename for p in _LIBRARY_PARTS)]
+    if not user:
+        return ""
+    f = user[-1]
+    return f" (at {os.path.basename(f.filename)}:{f.lineno} in {f.name}: {(f.line or '').strip()[:80]})"

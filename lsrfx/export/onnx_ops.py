@@ -1,0 +1,41 @@
+"""ONNX translations of the lsrfx custom ops, for exporting a model whose adapters stay unmerged (``merge=False``).
+
+``torch.export`` keeps ``lsrfx::compose`` and ``lsrfx::kron_sum`` as opaque nodes; the dynamo ONNX exporter needs a
+``custom_translation_table`` entry for each. These are traced onnxscript functions built from standard ONNX ops
+only (MatMul, Einsum, Reshape, ...), so the exported file runs in any onnxruntime without custom kernels, and the
+adapter tensors stay separate initializers in the graph.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from onnxscript import opset18 as op
+
+import lsrfx.kernels.factor_ops  # noqa: F401  (registers torch.ops.lsrfx.*)
+
+
+def compose_onnx(w0, a, b, scale: float, transposed: bool):
+    """``W0 + scale * B @ A`` (delta transposed for ``(in, out)``-stored weights), cast to W0's dtype."""
+    delta = op.Mul(op.MatMul(b, a), op.CastLike(scale, a))
+    if transposed:
+        delta = op.Transpose(delta, perm=[1, 0])
+    return op.Add(w0, op.CastLike(delta, w0))
+
+
+def kron_sum_onnx(p, q):
+    """``sum_k kron(P[k], Q[k])`` for ``P: (S, m1, n1)``, ``Q: (S, m2, n2)`` -> ``(m1*m2, n1*n2)``."""
+    blocks = op.Einsum(p, q, equation="sik,sjl->ijkl")  # (m1, m2, n1, n2)
+    dims = op.Shape(blocks)
+    rows = op.ReduceProd(op.Slice(dims, [0], [2]), keepdims=1)
+    cols = op.ReduceProd(op.Slice(dims, [2], [4]), keepdims=1)
+    return op.Reshape(blocks, op.Concat(rows, cols, axis=0))
+
+
+def translation_table() -> dict[Callable, Callable]:
+    """The ``custom_translation_table`` for ``torch.onnx.export(..., dynamo=True)``."""
+    return {
+        torch.ops.lsrfx.compose.default: compose_onnx,
+        torch.ops.lsrfx.kron_sum.default: kron_sum_onnx,
+    }
