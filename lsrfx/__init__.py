@@ -8,6 +8,7 @@ from lsrfx.adapters import METHODS, CondLoRAConfig, GenLoRAConfig, LoRAConfig, L
 from lsrfx.api import adapt, count_parameters, merge, summary
 from lsrfx.errors import LsrfxError
 from lsrfx.explain import explain
+from lsrfx.explain import explain
 from lsrfx.export import load_adapters, merge_and_export, save_adapters
 
 __version__ = "0.1.0"
@@ -21,6 +22,7 @@ __all__ = [
     "LsrfxError",
     "adapt",
     "count_parameters",
+    "explain",
     "explain",
     "load_adapters",
     "merge",

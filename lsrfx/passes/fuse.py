@@ -110,8 +110,10 @@ def _rewrite(graph: fx.Graph, m: Match) -> fx.Node:
     return fused
 
 
-def fuse_adapted_linears(graph: fx.Graph) -> list[Decision]:
-    """Rewrite ``graph`` in place; return one :class:`Decision` per adapted linear-like node (empty: untouched)."""
+def fuse_adapted_linears(graph: fx.Graph, record: bool = True) -> list[Decision]:
+    """Rewrite ``graph`` in place; return one :class:`Decision` per adapted linear-like node (empty: untouched).
+
+    ``record``: count the decisions in ``torch._dynamo.utils.counters["lsrfx"]`` and log them (``LSRFX_LOG``)."""
     decisions: list[Decision] = []
     for node in list(graph.nodes):
         found = match(node)
@@ -127,7 +129,7 @@ def fuse_adapted_linears(graph: fx.Graph) -> list[Decision]:
         if action == "fused":
             d.fused_node = _rewrite(graph, found).name
         decisions.append(d)
-    if decisions:
+    if decisions and record:
         _record(decisions)
     return decisions
 
