@@ -1,0 +1,131 @@
+"""``save_adapters`` / ``load_adapters``: exact round trips, CondLoRA's shared tensors once, fingerprints that stop
+adapters from landing on another base model, trainable heads, and the bad inputs (nothing changes on failure)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import transformers as tf
+from safetensors import safe_open
+from torch import nn
+
+import lsrfx
+from lsrfx.api import adapt_state
+from lsrfx.parametrization import adapted_layers, adapter_parameters
+
+
+def bert(seed: int = 0, hidden: int = 16, layers: int = 2) -> tf.BertForSequenceClassification:
+    torch.manual_seed(seed)
+    cfg = tf.BertConfig(vocab_size=64, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
+                        intermediate_size=2 * hidden, max_position_embeddings=32, initializer_range=0.5)
+    return tf.BertForSequenceClassification(cfg).eval()
+
+
+def perturb(model: nn.Module) -> None:
+    """Stand-in for training: every adapter tensor (and trainable head) gets new values."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.3)
+
+
+def logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+IDS = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(3))
+
+
+OPTIONS = {"lora": {"r": 2}, "lsr": {"separation_rank": 3}, "condlora": {"r": 2}, "genlora": {"r": 4}}
+
+
+@pytest.mark.parametrize("method", list(OPTIONS))
+def test_round_trip_into_a_fresh_base_is_exact(method: str, tmp_path) -> None:
+    trained = lsrfx.adapt(bert(), method=method, targets=["query", "value"], trainable=["classifier"],
+                          **OPTIONS[method])
+    perturb(trained)
+    lsrfx.save_adapters(trained, tmp_path)
+
+    fresh = bert()  # the base as built: its head lacks the training, so load must restore the head too
+    assert not torch.equal(logits(fresh, IDS), logits(trained, IDS))
+    assert lsrfx.load_adapters(fresh, tmp_path) is fresh
+    assert torch.equal(logits(fresh, IDS), logits(trained, IDS))
+    assert [n for n, _, _ in adapted_layers(fresh)] == [n for n, _, _ in adapted_layers(trained)]
+    trainable = sorted(n for n, p in fresh.named_parameters() if p.requires_grad)
+    assert trainable == sorted(n for n, p in trained.named_parameters() if p.requires_grad)
+
+
+def test_condlora_shared_pairs_are_stored_once_and_shared_after_loading(tmp_path) -> None:
+    trained = lsrfx.adapt(bert(layers=3), method="condlora", r=2, targets=["query", "value"])
+    perturb(trained)
+    lsrfx.save_adapters(trained, tmp_path)
+    with safe_open(str(tmp_path / "adapters.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    assert len(keys) == 4  # 2 groups (query, value) x (C_A, C_B), although 6 layers use them
+
+    fresh = bert(layers=3)
+    lsrfx.load_adapters(fresh, tmp_path)
+    queries = [fresh.bert.encoder.layer[i].attention.self.query for i in range(3)]
+    pairs = {id(q.parametrizations.weight[0].adapter.pair) for q in queries}
+    assert len(pairs) == 1  # still one shared pair: training the loaded model updates all layers together
+    assert torch.equal(logits(fresh, IDS), logits(trained, IDS))
+
+
+def test_files_are_small_and_config_is_readable(tmp_path) -> None:
+    model = lsrfx.adapt(bert(hidden=128), method="lsr", targets=["query", "value"])
+    lsrfx.save_adapters(model, tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["method"] == "lsr" and config["options"]["separation_rank"] == 16
+    assert config["targets"] == ["query", "value"] and config["lsrfx_version"] == lsrfx.__version__
+    assert sorted(config["layers"]) == sorted(n for n, _, _ in adapted_layers(model))
+    assert all(len(fp["sha256"]) == 64 for fp in config["layers"].values())
+    base_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "adapter" not in n)
+    assert (tmp_path / "adapters.safetensors").stat().st_size < 0.03 * base_bytes
+
+
+def test_different_base_model_fails_clearly_and_leaves_it_untouched(tmp_path) -> None:
+    trained = lsrfx.adapt(bert(seed=0), method="lora", r=2)
+    lsrfx.save_adapters(trained, tmp_path)
+    other = bert(seed=1)  # same architecture, different weights
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(lsrfx.LsrfxError, match=r"base weight of layer 'bert\.encoder\.layer\.0\.attention\.self"
+                                               r"\.query' differs .*\(values\)"):
+        lsrfx.load_adapters(other, tmp_path)
+    assert adapt_state(other) is None and not list(adapted_layers(other))
+    assert all(torch.equal(v, before[k]) for k, v in other.state_dict().items())
+    assert all(p.requires_grad for p in other.parameters())
+
+    with pytest.raises(lsrfx.LsrfxError, match=r"shape/dtype \[32, 32\] float32 vs saved \[16, 16\] float32"):
+        lsrfx.load_adapters(bert(hidden=32), tmp_path)
+    with pytest.raises(lsrfx.LsrfxError, match="does not have"):
+        lsrfx.load_adapters(nn.Sequential(nn.Linear(16, 16)), tmp_path)
+
+
+def test_loading_into_an_adapted_model_replaces_values_or_refuses_a_mismatch(tmp_path) -> None:
+    trained = lsrfx.adapt(bert(), method="lora", r=2)
+    perturb(trained)
+    lsrfx.save_adapters(trained, tmp_path)
+
+    same = lsrfx.adapt(bert(), method="lora", r=2)
+    params = dict(adapter_parameters(same))
+    lsrfx.load_adapters(same, tmp_path)
+    assert all(p is dict(adapter_parameters(same))[n] for n, p in params.items())  # values copied in place
+    assert torch.equal(logits(same, IDS), logits(trained, IDS))
+
+    other = lsrfx.adapt(bert(), method="lora", r=4)
+    with pytest.raises(lsrfx.LsrfxError, match="saved adapters use LoRAConfig\\(r=2"):
+        lsrfx.load_adapters(other, tmp_path)
+
+
+def test_bad_directories(tmp_path) -> None:
+    with pytest.raises(lsrfx.LsrfxError, match="no lsrfx adapters to save"):
+        lsrfx.save_adapters(bert(), tmp_path / "a")
+    with pytest.raises(lsrfx.LsrfxError, match="cannot read"):
+        lsrfx.load_adapters(bert(), tmp_path / "missing")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "adapter_config.json").write_text('{"format": "something else"}')
+    with pytest.raises(lsrfx.LsrfxError, match="not an lsrfx adapter config"):
+        lsrfx.load_adapters(bert(), tmp_path / "bad")
