@@ -20,6 +20,7 @@ def build_model(model_dir: Path | None, model_type: str | None, layers: int | No
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     if model_type is not None:
         try:
             config = AutoConfig.for_model(model_type)

@@ -58,7 +58,8 @@ def load_classifier(path: Path, label_names: list[str]) -> nn.Module:
     from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
-    hf_logging.set_verbosity_error()  # the "newly initialised classifier" load report is expected here
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # the "newly initialised classifier" load report is expected here
     try:
         model = AutoModelForSequenceClassification.from_pretrained(
             str(path),

@@ -1,0 +1,245 @@
+"""``lsrfx finetune`` / ``lsrfx inspect`` end to end on a tiny random-weight BERT and a tiny CSV (seconds), every bad
+input, Ctrl-C, and the report files."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import lsrfx
+from lsrfx.cli import main
+from lsrfx.finetune.data import load_data
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("matplotlib")
+pytest.importorskip("tqdm")
+
+CLASSES = {"games": "game play arcade", "sound": "audio music sound", "mail": "mail email inbox"}
+FILLER = "tool small fast simple linux program library".split()
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    """A 2-layer BERT with random weights and a WordPiece tokenizer over a hand-written vocabulary."""
+    path = tmp_path_factory.mktemp("tiny-bert")
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *FILLER, *" ".join(CLASSES.values()).split()]
+    tokenizer = transformers.BertTokenizer(vocab={w: i for i, w in enumerate(words)})
+    tokenizer.save_pretrained(path)
+    config = transformers.BertConfig(vocab_size=len(words), hidden_size=32, num_hidden_layers=2,
+                                     num_attention_heads=4, intermediate_size=48, max_position_embeddings=64)
+    torch.manual_seed(0)
+    transformers.BertModel(config).save_pretrained(path)
+    return path
+
+
+def write_csv(path: Path, rows: list[dict], columns=("package", "text", "label", "split")) -> Path:
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def tiny_rows(n_train: int = 20, n_test: int = 5, seed: int = 0) -> list[dict]:
+    """Per class: texts holding one of the class's keywords among filler words (an easy task)."""
+    rng = random.Random(seed)
+    rows = []
+    for label, keywords in CLASSES.items():
+        for i in range(n_train + n_test):
+            words = rng.sample(FILLER, 3) + [rng.choice(keywords.split())]
+            rng.shuffle(words)
+            rows.append({"package": f"{label}-{i}", "text": " ".join(words), "label": label,
+                         "split": "train" if i < n_train else "test"})
+    return rows
+
+
+@pytest.fixture(scope="module")
+def tiny_csv(tmp_path_factory) -> Path:
+    return write_csv(tmp_path_factory.mktemp("data") / "tiny.csv", tiny_rows())
+
+
+def finetune_args(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
+    return ["finetune", "--model", str(model), "--data", str(data), "--out", str(out), "--no-compile",
+            "--threads", "1", "--batch-size", "8", *extra]
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
+    code = main(args)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def fresh_adapter_params(model_dir: Path, method: str, n_labels: int) -> int:
+    """Adapter parameter count of the same model adapted directly through the library."""
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=n_labels)
+    lsrfx.adapt(model, method=method, targets=["query", "value"], trainable=("classifier",))
+    return lsrfx.count_parameters(model)[0]
+
+
+def test_compare_writes_well_formed_reports(tiny_model, tiny_csv, tmp_path, capsys):
+    out = tmp_path / "out"
+    code, stdout, _ = run_cli(finetune_args(tiny_model, tiny_csv, out, "--compare", "lora", "lsr", "--seeds", "0",
+                                            "1", "--epochs", "2", "--no-export"), capsys)
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    data = load_data(tiny_csv, seed=0)
+    assert report["splits"] == {"train": len(data.train), "validation": len(data.validation), "test": len(data.test)}
+    assert report["labels"] == sorted(CLASSES)
+    assert [r["method"] for r in report["summary"]] == ["lora", "lsr"]
+    assert [(r["method"], r["seed"]) for r in report["runs"]] == [("lora", 0), ("lora", 1), ("lsr", 0), ("lsr", 1)]
+    steps = 2 * math.ceil(len(data.train) / 8)
+    for run in report["runs"]:
+        assert run["adapter_params"] == fresh_adapter_params(tiny_model, run["method"], len(CLASSES))
+        assert run["head_params"] == 32 * len(CLASSES) + len(CLASSES)
+        assert len(run["losses"]) == steps and all(math.isfinite(v) for v in run["losses"])
+        assert [v["epoch"] for v in run["validation"]] == [1, 2]
+        assert run["test"]["n"] == len(data.test)
+        assert 0.0 <= run["test"]["accuracy"] <= 1.0 and run["step_time_s"] > 0
+        assert (out / f"{run['method']}-seed{run['seed']}").is_dir()
+    for row in report["summary"]:
+        accs = [r["test"]["accuracy"] for r in report["runs"] if r["method"] == row["method"]]
+        assert row["test_accuracy_mean"] == pytest.approx(sum(accs) / 2)
+        assert row["test_accuracy_std"] == pytest.approx(abs(accs[0] - accs[1]) / math.sqrt(2))
+    assert "| lora |" in stdout and "| lsr |" in stdout
+    png = (out / "report.png").read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n")
+    import matplotlib.image
+
+    assert matplotlib.image.imread(out / "report.png").shape[0] > 100
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no staging directory left behind
+
+
+def test_training_learns_the_tiny_task(tiny_model, tiny_csv, tmp_path, capsys):
+    """The head alone cannot solve it on a random encoder (frozen pooler): the adapters must learn."""
+    out = tmp_path / "out"
+    code, _, _ = run_cli(finetune_args(tiny_model, tiny_csv, out, "--method", "lora", "--epochs", "6", "--lr",
+                                       "5e-2", "--head-lr", "5e-2", "--no-export"), capsys)
+    assert code == 0
+    run = json.loads((out / "report.json").read_text())["runs"][0]
+    losses = run["losses"]
+    assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5
+    assert run["validation"][-1]["loss"] < run["validation"][0]["loss"]
+
+
+def test_export_and_adapters(tiny_model, tiny_csv, tmp_path, capsys):
+    out = tmp_path / "out"
+    code, _, err = run_cli(finetune_args(tiny_model, tiny_csv, out, "--method", "lsr", "--epochs", "1"), capsys)
+    assert code == 0, err
+    run = json.loads((out / "report.json").read_text())["runs"][0]
+    run_dir = out / "lsr-seed0"
+    assert (run_dir / run["export"]["path"].split("/", 1)[1]).is_file()
+    assert run["export"]["max_abs_diff"] <= 1e-4
+    assert (out / run["adapters_dir"]).is_dir() and any((out / run["adapters_dir"]).iterdir())
+
+
+def test_overwrite_replaces_existing_out(tiny_model, tiny_csv, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "stale.txt").write_text("old")
+    code, _, err = run_cli(finetune_args(tiny_model, tiny_csv, out, "--epochs", "1", "--no-export"), capsys)
+    assert code == 2 and (out / "stale.txt").exists()
+    assert err.startswith("lsrfx: error:") and "already exists" in err
+    code, _, _ = run_cli(finetune_args(tiny_model, tiny_csv, out, "--epochs", "1", "--no-export", "--overwrite"),
+                         capsys)
+    assert code == 0 and not (out / "stale.txt").exists() and (out / "report.json").is_file()
+
+
+def bad_inputs(tmp: Path, model: Path, data: Path) -> dict[str, tuple[list[str], str]]:
+    one_class = write_csv(tmp / "one.csv", [r for r in tiny_rows() if r["label"] == "games"])
+    no_label = write_csv(tmp / "nolabel.csv", tiny_rows(), columns=("text", "split"))
+    existing = tmp / "exists"
+    existing.mkdir()
+    out = tmp / "out"
+    return {
+        "missing model dir": (finetune_args(tmp / "no-such-model", data, out), "does not exist"),
+        "csv lacks columns": (finetune_args(model, no_label, out), "lacks column"),
+        "csv with one class": (finetune_args(model, one_class, out), "single class"),
+        "missing csv": (finetune_args(model, tmp / "none.csv", out), "does not exist"),
+        "unknown method": (finetune_args(model, data, out, "--method", "dora"), "unknown method"),
+        "unknown compared method": (finetune_args(model, data, out, "--compare", "lora", "dora"), "unknown method"),
+        "existing out dir": (finetune_args(model, data, existing), "already exists"),
+        "option of no chosen method": (finetune_args(model, data, out, "--method", "lora", "--r1", "2"), "--r1"),
+        "unknown --set option": (finetune_args(model, data, out, "--set", "lsr.beta=1"), "unknown option"),
+        "bad --set method": (finetune_args(model, data, out, "--set", "lora.alpha=1"), "not among"),
+        "impossible rank": (finetune_args(model, data, out, "--method", "lora", "--rank", "64"), "rank"),
+        "zero epochs": (finetune_args(model, data, out, "--epochs", "0"), "--epochs"),
+        "unknown flag": (finetune_args(model, data, out, "--frobnicate"), "unrecognized"),
+    }
+
+
+BAD_CASES = ["missing model dir", "csv lacks columns", "csv with one class", "missing csv", "unknown method",
+             "unknown compared method", "existing out dir", "option of no chosen method", "unknown --set option",
+             "bad --set method", "impossible rank", "zero epochs", "unknown flag"]
+
+
+@pytest.mark.parametrize("case", BAD_CASES)
+def test_bad_input_is_one_line_and_nonzero(case, tiny_model, tiny_csv, tmp_path, capsys):
+    cases = bad_inputs(tmp_path, tiny_model, tiny_csv)
+    assert sorted(cases) == sorted(BAD_CASES)
+    args, expected = cases[case]
+    try:
+        code = main(args)
+    except SystemExit as exc:  # argparse errors exit directly
+        code = exc.code
+    err = capsys.readouterr().err
+    assert code != 0
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("lsrfx: error:") and expected in lines[0], err
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]
+
+
+def test_console_script_error_has_no_traceback(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.run([sys.executable, "-m", "lsrfx.cli", "finetune", "--model", str(tmp_path / "none"),
+                           "--out", str(tmp_path / "o")], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1
+    assert proc.stderr.startswith("lsrfx: error: model directory")
+
+
+def test_ctrl_c_leaves_no_files(tiny_model, tiny_csv, tmp_path, capsys, monkeypatch):
+    import lsrfx.finetune.run as run_module
+
+    real_evaluate = run_module.evaluate
+
+    def interrupted(*args, **kwargs):  # after a whole run directory was written, during the test evaluation
+        real_evaluate(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run_module, "evaluate", interrupted)
+    code, _, err = run_cli(finetune_args(tiny_model, tiny_csv, tmp_path / "out", "--epochs", "1", "--no-export"),
+                           capsys)
+    assert code == 130 and "interrupted" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_validation_is_carved_from_train_only(tiny_csv):
+    data = load_data(tiny_csv, validation_fraction=0.2, seed=3)
+    rows = list(csv.DictReader(tiny_csv.open()))
+    test_texts = sorted(r["text"] for r in rows if r["split"] == "test")
+    assert sorted(data.test.texts) == test_texts
+    train_pairs = sorted((r["text"], r["label"]) for r in rows if r["split"] == "train")
+    names = data.label_names
+    got = sorted([(t, names[y]) for t, y in zip(data.train.texts, data.train.labels, strict=True)]
+                 + [(t, names[y]) for t, y in zip(data.validation.texts, data.validation.labels, strict=True)])
+    assert got == train_pairs
+    assert sorted(set(data.validation.labels)) == list(range(len(CLASSES)))  # stratified: every class held out
+    assert len(data.validation) == len(CLASSES) * round(0.2 * 20)
+    assert load_data(tiny_csv, validation_fraction=0.2, seed=3) == data
+    assert load_data(tiny_csv, validation_fraction=0.2, seed=4).validation != data.validation
+
+
+def test_inspect_prints_summary_and_explain(tiny_model, capsys):
+    code, out, err = run_cli(["inspect", "--model", str(tiny_model), "--method", "lora", "--seq-len", "8"], capsys)
+    assert code == 0, err
+    assert "4 layers adapted with lora" in out
