@@ -84,10 +84,17 @@ def clean(root: nn.Module, inputs: Inputs) -> Inputs:
         kwargs["decoder_input_ids"] = root.prepare_decoder_input_ids_from_labels(labels=labels)
     for key in LABEL_KEYS:
         kwargs.pop(key, None)
-    if "use_cache" in kwargs:
-        kwargs["use_cache"] = False  # a key/value cache is an output of generation, not of the exported graph
+    if "use_cache" in kwargs or _accepts(root, "use_cache"):
+        kwargs["use_cache"] = False  # a key/value cache is generation state, not an output of the exported graph
     detach = lambda t: t.detach()  # noqa: E731
     return pytree.tree_map_only(Tensor, detach, (tuple(args), kwargs))
+
+
+def _accepts(root: nn.Module, name: str) -> bool:
+    try:
+        return name in inspect.signature(root.forward).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def tensors(inputs: Inputs) -> list[Tensor]:

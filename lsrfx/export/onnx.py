@@ -180,8 +180,10 @@ def _check(file: Path):
 
 
 def _symbolic_axes(proto) -> list[dict[int, str]]:
-    """For each graph input, its symbolic axes (axis -> symbol name)."""
-    return [{i: d.dim_param for i, d in enumerate(v.type.tensor_type.shape.dim) if d.dim_param}
+    """For each graph input, its symbolic axes (axis -> symbol name). The exporter may write an axis that
+    ``torch.export`` specialised as a numeric ``dim_param`` (``"3"``): that one is static."""
+    return [{i: d.dim_param for i, d in enumerate(v.type.tensor_type.shape.dim)
+             if d.dim_param and not d.dim_param.isdigit()}
             for v in proto.graph.input]
 
 
