@@ -104,8 +104,9 @@ def _rewrite(graph: fx.Graph, m: Match) -> fx.Node:
             result.meta.update(consumer.meta)
     consumer.replace_all_uses_with(result)
     graph.erase_node(consumer)
-    for dead in (m.compose, m.a, m.b):
-        if isinstance(dead, fx.Node) and not dead.users and call_kind(dead) in ("compose", "kron_sum"):
+    for dead in dict.fromkeys((m.weight, m.compose, m.a, m.b)):
+        if isinstance(dead, fx.Node) and not dead.users and call_kind(dead) in ("t", "transpose", "compose",
+                                                                                 "kron_sum"):
             graph.erase_node(dead)
     return fused
 

@@ -62,6 +62,7 @@ class Match:
     consumer: fx.Node
     kind: str  # linear | addmm | mm
     compose: fx.Node
+    weight: fx.Node  # the consumer's weight argument: ``compose`` itself or a transpose of it
     x: fx.Node
     w0: fx.Node
     bias: object  # fx.Node or None
@@ -138,5 +139,5 @@ def match(node: fx.Node) -> Match | str | None:
     kron = None
     if all(isinstance(f, fx.Node) and call_kind(f) == "kron_sum" for f in (a, b)):
         kron = (*a.args[:2], *b.args[:2])
-    return Match(node, kind, compose, x, w0, bias, addend, a, b, scale, c_as_right,
+    return Match(node, kind, compose, weight, x, w0, bias, addend, a, b, scale, c_as_right,
                  transposed != c_as_right, kron)
