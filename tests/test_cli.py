@@ -135,10 +135,15 @@ def test_export_and_adapters(tiny_model, tiny_csv, tmp_path, capsys):
     code, _, err = run_cli(finetune_args(tiny_model, tiny_csv, out, "--method", "lsr", "--epochs", "1"), capsys)
     assert code == 0, err
     run = json.loads((out / "report.json").read_text())["runs"][0]
-    run_dir = out / "lsr-seed0"
-    assert (run_dir / run["export"]["path"].split("/", 1)[1]).is_file()
-    assert run["export"]["max_abs_diff"] <= 1e-4
-    assert (out / run["adapters_dir"]).is_dir() and any((out / run["adapters_dir"]).iterdir())
+    onnx_file = out / run["export"]["path"]
+    assert onnx_file == out / "lsr-seed0" / "model.onnx" and onnx_file.is_file()
+    assert run["export"]["size"] >= onnx_file.stat().st_size > 0
+    assert run["export"]["merged"] and 0 <= run["export"]["max_diff"] <= 1e-4
+    loaded = transformers.AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=len(CLASSES))
+    lsrfx.adapt(loaded, method="lsr", targets=["query", "value"], trainable=("classifier",))
+    lsrfx.load_adapters(loaded, out / run["adapters_dir"])  # the saved adapters fit a freshly adapted model
+    session = pytest.importorskip("onnxruntime").InferenceSession(str(onnx_file))
+    assert {i.name for i in session.get_inputs()} >= {"input_ids"}
 
 
 def test_overwrite_replaces_existing_out(tiny_model, tiny_csv, tmp_path, capsys):
@@ -242,4 +247,16 @@ def test_validation_is_carved_from_train_only(tiny_csv):
 def test_inspect_prints_summary_and_explain(tiny_model, capsys):
     code, out, err = run_cli(["inspect", "--model", str(tiny_model), "--method", "lora", "--seq-len", "8"], capsys)
     assert code == 0, err
-    assert "4 layers adapted with lora" in out
+    assert "4 layers adapted with lora" in out  # query + value in each of 2 layers
+    assert "lsrfx.explain:" in out and "of 4 adapted node(s)" in out
+
+
+def test_inspect_named_config_and_bad_inputs(capsys):
+    code, out, err = run_cli(["inspect", "--config", "bert", "--layers", "1", "--method", "lsr"], capsys)
+    assert code == 0, err
+    assert "2 layers adapted with lsr" in out and "of 2 adapted node(s)" in out
+    for args, expected in ((["--config", "no-such-arch"], "unknown transformers model type"),
+                           (["--model", "/no/such/dir"], "does not exist"),
+                           (["--config", "bert", "--method", "dora"], "unknown method")):
+        code, _, err = run_cli(["inspect", *args], capsys)
+        assert code == 2 and err.count("\n") == 1 and expected in err, err

@@ -48,11 +48,12 @@ def build_model(model_dir: Path | None, model_type: str | None, layers: int | No
 def inspect_model(*, model_dir: Path | None = None, model_type: str | None = None, layers: int | None = None,
                   method: str = "lsr", targets: list[str] | None = None, options: dict[str, Any] | None = None,
                   seq_len: int = 16, batch: int = 2) -> str:
-    """``lsrfx.summary`` and ``lsrfx.explain`` of the adapted, compiled model on random token ids."""
+    """``lsrfx.summary`` and ``lsrfx.explain`` of the adapted model on random token ids (``explain`` captures the
+    Dynamo graphs itself and shows them before and after the lsrfx pass)."""
     if seq_len < 1 or batch < 1:
         raise FinetuneError(f"--seq-len and --batch must be >= 1 (got {seq_len}, {batch}).")
     model = build_model(model_dir, model_type, layers)
     vocab = int(getattr(model.config, "vocab_size", 1000))
     input_ids = torch.randint(0, vocab, (batch, seq_len), generator=torch.Generator().manual_seed(0))
-    model = lsrfx.adapt(torch.compile(model), method=method, targets=targets, **(options or {}))
+    model = lsrfx.adapt(model, method=method, targets=targets, **(options or {}))
     return lsrfx.summary(model) + "\n\n" + lsrfx.explain(model, input_ids)
