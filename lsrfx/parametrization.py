@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
@@ -26,6 +27,16 @@ class AdaptedWeight(nn.Module):
         self.transposed = transposed
 
     def forward(self, weight: Tensor) -> Tensor:
+        # Under autocast the adapted weight is still computed at the master precision, like a plain parameter's
+        # value; the op that consumes it (F.linear, addmm) casts it, exactly as for an unadapted layer. (Letting
+        # autocast into the factor math would give bf16 factors whose fp32 backward then mixes dtypes.)
+        device = weight.device.type
+        if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+            with torch.autocast(device, enabled=False):
+                return self._compose(weight)
+        return self._compose(weight)
+
+    def _compose(self, weight: Tensor) -> Tensor:
         a, b = self.adapter.factors(weight.t() if self.transposed else weight)
         return compose(weight, a, b, self.adapter.scale, self.transposed)
 
