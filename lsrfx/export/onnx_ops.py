@@ -10,18 +10,26 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 import torch
+from onnxscript import ir
 from onnxscript import opset18 as op
 
 import lsrfx.kernels.factor_ops  # noqa: F401  (registers torch.ops.lsrfx.*)
 
 
 def compose_onnx(w0, a, b, scale: float, transposed: bool):
-    """``W0 + scale * B @ A`` (delta transposed for ``(in, out)``-stored weights), cast to W0's dtype."""
-    delta = op.Mul(op.MatMul(b, a), op.CastLike(scale, a))
+    """``W0 + scale * B @ A`` (delta transposed for ``(in, out)``-stored weights), cast to W0's dtype.
+
+    The scale is a constant of the factors' dtype and the cast is emitted only when adapters and base differ
+    (fp32 adapters on a half-precision base), so onnxruntime sees plain MatMul/Mul/Add it can fold and fuse."""
+    scale_const = op.Constant(value=ir.tensor(np.asarray(scale, dtype=a.dtype.numpy())))
+    delta = op.Mul(op.MatMul(b, a), scale_const)
     if transposed:
         delta = op.Transpose(delta, perm=[1, 0])
-    return op.Add(w0, op.CastLike(delta, w0))
+    if a.dtype != w0.dtype:
+        delta = op.Cast(delta, to=w0.dtype)
+    return op.Add(w0, delta)
 
 
 def kron_sum_onnx(p, q):
