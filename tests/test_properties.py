@@ -316,8 +316,10 @@ def test_adapt_refuses_fp16_overflow() -> None:
         lsrfx.adapt(model, method="lora", targets=["0"], r=2)
 
 
-@pytest.mark.parametrize("method", list(OPTS))
-def test_nonfinite_inputs_propagate(method: str) -> None:
+@pytest.mark.parametrize("method, compiled", [*((m, False) for m in OPTS), ("lsr", True), ("lora", True)])
+def test_nonfinite_inputs_propagate(method: str, compiled: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Eager, and through torch.compile with the lsrfx pass forced to fuse the adapted linear."""
+    monkeypatch.setenv("LSRFX_FUSE", "always")
     model = tiny()
     lsrfx.adapt(model, method=method, targets=["0", "2"], **OPTS[method])
     randomise(model, torch.Generator().manual_seed(1))
@@ -325,10 +327,15 @@ def test_nonfinite_inputs_propagate(method: str) -> None:
     clean = model(x).detach()
     x[1, 4] = math.nan
     x[3, 0] = math.inf
-    y = model(x)
+    first = torch.compile(model[0]) if compiled else model[0]
+    hidden = first(x)
+    y = model[2](model[1](hidden))
     assert torch.isnan(y[1]).all(), "a NaN input must poison its row's outputs"
-    assert not torch.isfinite(model[0](x)[3]).any(), "an inf input must not be masked by the adapted layer"
-    torch.testing.assert_close(y[[0, 2, 4]], clean[[0, 2, 4]], rtol=0, atol=0)
+    assert not torch.isfinite(hidden[3]).any(), "an inf input must not be masked by the adapted layer"
+    if compiled:
+        assert f"lsrfx.{'lsr' if method == 'lsr' else 'lowrank'}_linear" in lsrfx.explain(model[0], x)
+    tol = 1e-5 if compiled else 0.0
+    torch.testing.assert_close(y[[0, 2, 4]], clean[[0, 2, 4]], rtol=tol, atol=tol)
     y.sum().backward()
     grads = [p.grad for p in lsrfx.parametrization.adapter_parameters(model).values()]
     assert any(g is not None and torch.isnan(g).any() for g in grads), "NaN inputs must reach adapter grads"
