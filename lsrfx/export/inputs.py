@@ -41,7 +41,7 @@ def normalize(example_inputs: Any) -> Inputs:
     )
 
 
-def find_inputs(model: nn.Module, root: nn.Module, example_inputs: Any) -> tuple[Inputs, str]:
+def find_inputs(root: nn.Module, example_inputs: Any) -> tuple[Inputs, str]:
     """The inputs to export with and where they came from (``"given"``, ``"last forward"``, ``"dummy_inputs"``)."""
     if example_inputs is not None:
         return normalize(example_inputs), "given"

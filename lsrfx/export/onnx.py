@@ -65,15 +65,16 @@ def merge_and_export(
     ``dummy_inputs`` (``labels`` and similar training-only keywords are dropped; a ``transformers`` cache is
     turned off). ``dynamic``: batch and sequence axes (dims 0 and 1 of each tensor input) stay symbolic where the
     model allows. ``opset``: the ONNX opset (default: the exporter's). ``verify``: run the file in onnxruntime on
-    the example inputs (against the adapted model) and on a second batch/sequence size (against the exported
-    PyTorch model) and raise if outputs differ beyond the tolerance in :mod:`lsrfx.export.verify`. ``merge=False``
+    the example inputs (against the adapted model) and, when the graph has symbolic axes, on a second
+    batch/sequence size (against the exported PyTorch model), and raise if outputs differ beyond the tolerance in
+    :mod:`lsrfx.export.verify` (fp32: 1e-4 x max(1, max |output|)); nothing is written then. ``merge=False``
     keeps the adapter tensors separate in the graph. The caller's model is left as it was, adapted and trainable.
     """
     path = Path(path)
     workdir = _workdir(path)
     try:
         root = unwrap(model)
-        found, source = inp.find_inputs(model, root, example_inputs)
+        found, source = inp.find_inputs(root, example_inputs)
         inputs = inp.clean(root, found)
         if dynamic:
             inputs = inp.widen(inputs)
