@@ -24,6 +24,7 @@ tolerance.
 from __future__ import annotations
 
 import copy
+import inspect
 import os
 
 import numpy as np
@@ -124,7 +125,8 @@ def eager_outputs(model: torch.nn.Module, inputs: dict) -> list[np.ndarray]:
     model.eval()
     try:
         with torch.no_grad():
-            out = model(**inputs, **({"use_cache": False} if "use_cache" in model.forward.__code__.co_varnames else {}))
+            no_cache = {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
+            out = model(**inputs, **no_cache)
     finally:
         model.train(was_training)
     return [t.numpy() for t in out.values() if isinstance(t, torch.Tensor)]
