@@ -12,7 +12,7 @@ from torch.nn.utils import parametrize
 
 from lsrfx.adapters import AdapterConfig, LayerSpec, make_config
 from lsrfx.errors import LsrfxError
-from lsrfx.parametrization import AdaptedWeight, adapted_layers, adapter_parameters
+from lsrfx.parametrization import AdaptedWeight, adapted_layers, adapter_parameters, own_class
 from lsrfx.targets import Targets, match_parameter_names, select_targets, weight_is_transposed
 
 log = logging.getLogger("lsrfx")
@@ -31,7 +31,6 @@ class AdaptState:
     targets: Any
     frozen: list[str] = field(default_factory=list)  # parameters adapt froze; merge unfreezes them
     last_inputs: tuple[tuple, dict] | None = None  # the latest forward's (args, kwargs), for export
-    hook: Any = None
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -98,7 +97,7 @@ def adapt(
         parametrize.register_parametrization(modules[spec.name], "weight", AdaptedWeight(adapter, spec.transposed))
     state = AdaptState(config, names, trainable_names, targets, frozen)
     object.__setattr__(root, STATE_ATTR, state)
-    state.hook = model.register_forward_pre_hook(_record_inputs(state), with_kwargs=True)
+    model.register_forward_pre_hook(_record_inputs, with_kwargs=True)
     n_adapter = sum(p.numel() for p in adapter_parameters(root).values())
     log.info("lsrfx: adapted %d layers with %s (%s trainable adapter parameters): %s",
              len(names), config.method, f"{n_adapter:,}", ", ".join(names))
@@ -121,14 +120,25 @@ def _check_finite(spec: LayerSpec, weight: torch.Tensor) -> None:
         )
 
 
-def _record_inputs(state: AdaptState):
-    """A forward pre-hook keeping the latest call's inputs (references, no copies) for ``merge_and_export``."""
+@torch.compiler.disable
+def _record_inputs(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Forward pre-hook keeping the latest call's inputs (references, no copies) for ``merge_and_export``.
 
-    @torch.compiler.disable
-    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    It finds the state through ``module`` (not a closure), so a ``deepcopy`` of the model records into its own state.
+    Under ``torch.compile(lsrfx.adapt(m))`` it costs one graph break before the forward; on a compiled model given
+    to ``adapt`` it sits on the ``OptimizedModule`` wrapper, outside the compiled region.
+    """
+    state = adapt_state(module)
+    if state is not None:
         state.last_inputs = (args, kwargs)
 
-    return hook
+
+def remove_input_recorder(module: nn.Module) -> None:
+    """Drop ``_record_inputs`` from ``module``'s forward pre-hooks (found by identity, so copies work too)."""
+    for key, fn in list(module._forward_pre_hooks.items()):
+        if fn is _record_inputs:
+            del module._forward_pre_hooks[key]
+            module._forward_pre_hooks_with_kwargs.pop(key, None)
 
 
 def merge(model: ModelT) -> ModelT:
@@ -137,21 +147,27 @@ def merge(model: ModelT) -> ModelT:
     The result is a plain model with the same outputs as the adapted one; parameters that ``adapt`` froze are
     trainable again. Works on plain and compiled models, in place.
     """
+    _check_merged_finite(list(adapted_layers(unwrap(model))))
+    remove_adapters(model, fold=True)
+    return model
+
+
+def remove_adapters(model: nn.Module, *, fold: bool) -> None:
+    """Remove every lsrfx object from ``model``: parametrizations (``fold``: keep ``W0 + dW``, else restore
+    ``W0``), the input recorder and the state; parameters ``adapt`` froze become trainable again."""
     root = unwrap(model)
     state = adapt_state(root)
-    layers = list(adapted_layers(root))
-    _check_merged_finite(layers)
-    for _, module, _ in layers:
-        parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+    for _, module, _ in list(adapted_layers(root)):
+        own_class(module)  # a deepcopy shares the generated class with its original: never edit a shared one
+        parametrize.remove_parametrizations(module, "weight", leave_parametrized=fold)
+    for m in {id(model): model, id(root): root}.values():
+        remove_input_recorder(m)
     if state is not None:
-        if state.hook is not None:
-            state.hook.remove()
         params = dict(root.named_parameters())
         for n in state.frozen:
             if n in params:
                 params[n].requires_grad_(True)
         delattr(root, STATE_ATTR)
-    return model
 
 
 def _check_merged_finite(layers: list[tuple[str, nn.Module, AdaptedWeight]]) -> None:

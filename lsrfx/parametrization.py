@@ -56,6 +56,17 @@ def adapted_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module, AdaptedWe
             yield name, module, param
 
 
+def own_class(module: nn.Module) -> None:
+    """Give a parametrized module a private copy of its generated class (same name, bases and members).
+
+    ``parametrize`` generates one class per parametrized module and ``copy.deepcopy`` shares it between original
+    and copy, so removing the parametrization from one would delete ``weight`` from the other (DESIGN.md section 4).
+    """
+    cls = type(module)
+    members = {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")}
+    module.__class__ = type(cls.__name__, cls.__bases__, members)
+
+
 def base_weight(module: nn.Module) -> Tensor:
     """The frozen ``W0`` of an adapted layer, in the layer's own storage layout."""
     return module.parametrizations["weight"].original

@@ -170,3 +170,20 @@ def test_adapt_then_merge_on_compiled_model_keeps_it_compiled() -> None:
     torch.testing.assert_close(compiled(x), eager_expected)
     lsrfx.merge(compiled)
     torch.testing.assert_close(compiled(x), eager_expected, rtol=1e-5, atol=1e-5)
+
+
+def test_merge_of_a_deepcopy_leaves_the_original_adapted_and_recording() -> None:
+    original = lsrfx.adapt(tiny_bert(), method="lora")
+    with torch.no_grad():
+        for _, _, p in adapted_layers(original):
+            p.adapter.lora_B.normal_()
+    ids = torch.randint(0, 100, (2, 5))
+    expected = original(input_ids=ids).logits
+    clone = lsrfx.merge(copy.deepcopy(original))
+    torch.testing.assert_close(clone(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-5)
+    assert not any(True for _ in adapted_layers(clone))
+    assert len(list(adapted_layers(original))) == 4
+    torch.testing.assert_close(original(input_ids=ids).logits, expected)  # `weight` still works on the original
+    other = torch.randint(0, 100, (3, 4))
+    original(input_ids=other)
+    assert lsrfx.api.adapt_state(original).last_inputs[1]["input_ids"] is other  # its recorder survived

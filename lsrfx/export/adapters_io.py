@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from lsrfx.adapters import make_config
-from lsrfx.api import STATE_ATTR, adapt, adapt_state, unwrap
+from lsrfx.api import adapt, adapt_state, remove_adapters, unwrap
 from lsrfx.errors import LsrfxError
 from lsrfx.parametrization import adapted_layers, adapter_parameters, base_weight
 
@@ -200,17 +200,7 @@ def _fill(root: nn.Module, tensors: dict[str, Tensor], config: dict) -> None:
 
 def _undo_adapt(root: nn.Module) -> None:
     """Reverse an ``adapt`` made by ``load_adapters`` (base weights restored untouched, freezing undone)."""
-    state = adapt_state(root)
-    for _, module, _ in list(adapted_layers(root)):
-        parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
-    if state is not None:
-        if state.hook is not None:
-            state.hook.remove()
-        params = dict(root.named_parameters())
-        for n in state.frozen:
-            if n in params:
-                params[n].requires_grad_(True)
-        delattr(root, STATE_ATTR)
+    remove_adapters(root, fold=False)
 
 
 def _atomic_write(target: Path, write) -> None:

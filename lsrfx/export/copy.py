@@ -14,8 +14,8 @@ import copy
 from torch import nn
 from torch.nn.utils import parametrize
 
-from lsrfx.api import STATE_ATTR, unwrap
-from lsrfx.parametrization import adapted_layers
+from lsrfx.api import STATE_ATTR, remove_input_recorder, unwrap
+from lsrfx.parametrization import adapted_layers, own_class
 
 
 def independent_copy(model: nn.Module) -> nn.Module:
@@ -34,17 +34,9 @@ def independent_copy(model: nn.Module) -> nn.Module:
     clone = copy.deepcopy(root, memo)
     if STATE_ATTR in clone.__dict__:
         del clone.__dict__[STATE_ATTR]
-    if state is not None and state.hook is not None:
-        for hooks in (clone._forward_pre_hooks, clone._forward_pre_hooks_with_kwargs):
-            hooks.pop(state.hook.id, None)
+    remove_input_recorder(clone)
     for module in clone.modules():
         if parametrize.is_parametrized(module):
             own_class(module)
     return clone
 
-
-def own_class(module: nn.Module) -> None:
-    """Give a parametrized module a private copy of its generated class (same name, bases and members)."""
-    cls = type(module)
-    members = {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")}
-    module.__class__ = type(cls.__name__, cls.__bases__, members)
