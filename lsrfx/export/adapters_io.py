@@ -36,9 +36,34 @@ TENSORS_FILE = "adapters.safetensors"
 CONFIG_FILE = "adapter_config.json"
 
 
+def _full(t: Tensor) -> Tensor:
+    """The whole tensor, plain, contiguous, on the CPU. A sharded DTensor (FSDP2) is gathered first, which is a
+    collective: under FSDP2 every rank must call ``save_adapters`` / ``load_adapters``."""
+    t = t.detach()
+    if hasattr(t, "full_tensor"):
+        t = t.full_tensor()
+    return t.cpu().contiguous()
+
+
+def _assign(p: Tensor, value: Tensor) -> None:
+    """``p.copy_(value)`` in ``p``'s dtype, scattering ``value`` first when ``p`` is a sharded DTensor (FSDP2)."""
+    value = value.to(p.dtype)
+    if hasattr(p, "device_mesh"):
+        from torch.distributed.tensor import distribute_tensor
+
+        value = distribute_tensor(value.to(p.device), p.device_mesh, p.placements)
+    p.copy_(value)
+
+
+def _is_writer() -> bool:
+    """Under torch.distributed only rank 0 writes files; every rank still takes part in gathering."""
+    dist = torch.distributed
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
 def fingerprint(weight: Tensor) -> dict[str, Any]:
     """Shape, dtype and SHA-256 of a base weight's bytes: any changed value, layout or precision changes it."""
-    data = weight.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
+    data = _full(weight).reshape(-1).view(torch.uint8).numpy()
     return {"shape": list(weight.shape), "dtype": str(weight.dtype).removeprefix("torch."),
             "sha256": hashlib.sha256(data.tobytes()).hexdigest()}
 
@@ -54,7 +79,8 @@ def _serialisable_targets(targets: Any) -> Any:
 def save_adapters(model: nn.Module, directory: str | os.PathLike) -> Path:
     """Write the adapters of ``model`` (plain or compiled) to ``directory``; returns the directory.
 
-    Files are replaced atomically (written under temporary names, then renamed).
+    Files are replaced atomically (written under temporary names, then renamed). Under FSDP2 call it on every
+    rank: sharded tensors are gathered and rank 0 writes.
     """
     from safetensors.torch import save_file
 
@@ -66,8 +92,8 @@ def save_adapters(model: nn.Module, directory: str | os.PathLike) -> Path:
         raise LsrfxError(f"{type(root).__name__} has no lsrfx adapters to save; call lsrfx.adapt(model, ...) first.")
     modules = dict(root.named_modules())
     params = dict(root.named_parameters())
-    tensors = {name: p.detach().cpu().contiguous() for name, p in adapter_parameters(root).items()}
-    trained_base = {n: params[n].detach().cpu().contiguous() for n in state.trainable if n in params}
+    tensors = {name: _full(p) for name, p in adapter_parameters(root).items()}
+    trained_base = {n: _full(params[n]) for n in state.trainable if n in params}
     tensors.update(trained_base)
     config = {
         "format": FORMAT,
@@ -81,6 +107,8 @@ def save_adapters(model: nn.Module, directory: str | os.PathLike) -> Path:
         "trainable": sorted(trained_base),
     }
     directory = Path(directory)
+    if not _is_writer():
+        return directory
     try:
         directory.mkdir(parents=True, exist_ok=True)
         _atomic_write(directory / TENSORS_FILE, lambda f: save_file(tensors, f, metadata={"format": "pt"}))
@@ -195,7 +223,7 @@ def _fill(root: nn.Module, tensors: dict[str, Tensor], config: dict) -> None:
                              f"{None if p is None else tuple(p.shape)}; the adapters belong to another model.")
     with torch.no_grad():
         for name, t in tensors.items():
-            targets[name].copy_(t.to(targets[name].dtype))
+            _assign(targets[name], t)
 
 
 def _undo_adapt(root: nn.Module) -> None:
