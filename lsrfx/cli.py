@@ -80,8 +80,9 @@ def add_finetune(p: argparse.ArgumentParser) -> None:
     seeds = t.add_mutually_exclusive_group()
     seeds.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     seeds.add_argument("--seeds", type=int, nargs="+", metavar="SEED", help="several seeds: mean +- std per method")
-    t.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
-                   help="train through torch.compile (default: on)")
+    t.add_argument("--compile", action=argparse.BooleanOptionalAction, default=defaults.COMPILE,
+                   help="train through torch.compile and the lsrfx pass (default: off; on a 2-core CPU compiling "
+                   "took minutes and steps were no faster, see README)")
     t.add_argument("--export", action=argparse.BooleanOptionalAction, default=True,
                    help="merge and export each run to a verified ONNX file (default: on)")
     t.add_argument("--threads", type=int, help="torch CPU threads (default: the cores the 1-minute load average "

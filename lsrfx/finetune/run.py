@@ -47,7 +47,7 @@ class FinetuneSettings:
     head_lr: float = defaults.HEAD_LR
     max_length: int = defaults.MAX_LENGTH
     validation_fraction: float = defaults.VALIDATION_FRACTION
-    compile: bool = True
+    compile: bool = defaults.COMPILE
     export: bool = True
     overwrite: bool = False
     command: str = ""
