@@ -121,13 +121,14 @@ def test_compare_writes_well_formed_reports(tiny_model, tiny_csv, tmp_path, caps
 def test_training_learns_the_tiny_task(tiny_model, tiny_csv, tmp_path, capsys):
     """The head alone cannot solve it on a random encoder (frozen pooler): the adapters must learn."""
     out = tmp_path / "out"
-    code, _, _ = run_cli(finetune_args(tiny_model, tiny_csv, out, "--method", "lora", "--epochs", "6", "--lr",
+    code, _, _ = run_cli(finetune_args(tiny_model, tiny_csv, out, "--method", "lora", "--epochs", "10", "--lr",
                                        "5e-2", "--head-lr", "5e-2", "--no-export"), capsys)
     assert code == 0
     run = json.loads((out / "report.json").read_text())["runs"][0]
     losses = run["losses"]
-    assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5
-    assert run["validation"][-1]["loss"] < run["validation"][0]["loss"]
+    assert sum(losses[-5:]) / 5 < 0.6 * sum(losses[:5]) / 5
+    assert run["validation"][-1]["loss"] < 0.7 * run["validation"][0]["loss"]
+    assert run["test"]["accuracy"] > 0.6  # chance is 1/3
 
 
 def test_export_and_adapters(tiny_model, tiny_csv, tmp_path, capsys):
