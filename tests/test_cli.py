@@ -12,16 +12,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import onnxruntime
 import pytest
 import torch
+import transformers
 
 import lsrfx
 from lsrfx.cli import main
 from lsrfx.finetune.data import load_data
-
-transformers = pytest.importorskip("transformers")
-pytest.importorskip("matplotlib")
-pytest.importorskip("tqdm")
 
 CLASSES = {"games": "game play arcade", "sound": "audio music sound", "mail": "mail email inbox"}
 FILLER = "tool small fast simple linux program library".split()
@@ -143,7 +141,7 @@ def test_export_and_adapters(tiny_model, tiny_csv, tmp_path, capsys):
     loaded = transformers.AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=len(CLASSES))
     lsrfx.adapt(loaded, method="lsr", targets=["query", "value"], trainable=("classifier",))
     lsrfx.load_adapters(loaded, out / run["adapters_dir"])  # the saved adapters fit a freshly adapted model
-    session = pytest.importorskip("onnxruntime").InferenceSession(str(onnx_file))
+    session = onnxruntime.InferenceSession(str(onnx_file))
     assert {i.name for i in session.get_inputs()} >= {"input_ids"}
 
 

@@ -7,6 +7,7 @@ import operator
 
 import pytest
 import torch
+import transformers
 from torch import fx, nn
 from torch._dynamo.utils import counters
 
@@ -14,8 +15,6 @@ import lsrfx
 from lsrfx.parametrization import adapter_parameters
 from lsrfx.passes import fuse_adapted_linears, install, installed, uninstall
 from lsrfx.passes.install import LsrfxFusePass
-
-transformers = pytest.importorskip("transformers")
 
 METHODS = {"lora": dict(r=2), "lsr": dict(r1=2, r2=2, separation_rank=2), "condlora": dict(r=2),
            "genlora": dict(r=3)}
