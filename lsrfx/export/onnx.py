@@ -9,10 +9,13 @@ ONNX ops by :mod:`lsrfx.export.onnx_ops`).
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import shutil
 import tempfile
 import traceback
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -160,14 +163,27 @@ def _export(model: nn.Module, inputs: inp.Inputs, *, dynamic: bool, opset: int |
         ) from exc
     try:
         # Unmerged graphs skip the optimizer: its constant folding would merge the adapters anyway.
-        return torch.onnx.export(exported, dynamo=True, opset_version=opset, optimize=merge, verbose=False,
-                                 custom_translation_table=None if merge else translation_table())
+        with _quiet_registry():
+            return torch.onnx.export(exported, dynamo=True, opset_version=opset, optimize=merge, verbose=False,
+                                     custom_translation_table=None if merge else translation_table())
     except Exception as exc:
         fix = "export with merge=True (adapters folded in)" if not merge else "check the operator in the message"
         raise LsrfxError(
             f"the ONNX exporter could not translate {name}: {_first_line(exc)}{_where(exc)}; {fix}, or pass "
             "example_inputs= that avoid the failing part."
         ) from exc
+
+
+@contextlib.contextmanager
+def _quiet_registry() -> Iterator[None]:
+    """Silence the exporter's registry warnings about optional torchvision ops (lsrfx never uses them)."""
+    logger = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _check(file: Path):
