@@ -10,10 +10,12 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from lsrfx import passes, state_dict_hooks
 from lsrfx.adapters import AdapterConfig, LayerSpec, make_config
 from lsrfx.errors import LsrfxError
-from lsrfx.parametrization import AdaptedWeight, adapted_layers, adapter_parameters, own_class
+from lsrfx.parametrization import AdaptedWeight, adapted_layers, adapter_parameters, give_private_class
 from lsrfx.targets import Targets, match_parameter_names, select_targets, weight_is_transposed
+from lsrfx.utils import unwrap
 
 log = logging.getLogger("lsrfx")
 
@@ -23,26 +25,25 @@ STATE_ATTR = "_lsrfx_state"
 
 @dataclass
 class AdaptState:
-    """What ``adapt`` did to a model, kept on the root module so ``merge``/export/save can undo or replay it."""
+    """What ``adapt`` did to a model, kept on the root module so ``merge``/export/save can undo or replay it.
+
+    It holds no export state: the inputs export falls back on are recorded by :mod:`lsrfx.export.recorded_inputs`.
+    """
 
     config: AdapterConfig
     layers: list[str]
     trainable: list[str]
     targets: Any
     frozen: list[str] = field(default_factory=list)  # parameters adapt froze; merge unfreezes them
-    last_inputs: tuple[tuple, dict] | None = None  # the latest forward's (args, kwargs), for export
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The ``nn.Module`` behind a ``torch.compile``d ``OptimizedModule`` (or the module itself)."""
-    return getattr(model, "_orig_mod", model)
 
 
 def adapt_state(model: nn.Module) -> AdaptState | None:
+    """The :class:`AdaptState` of an adapted model (plain or compiled), ``None`` if it is not adapted."""
     return getattr(unwrap(model), STATE_ATTR, None)
 
 
 def layer_spec(name: str, module: nn.Module) -> LayerSpec:
+    """The :class:`LayerSpec` of an adaptable layer (``nn.Linear`` or GPT-2's ``Conv1D``) in ``d_out x d_in`` terms."""
     transposed = bool(weight_is_transposed(module))
     w = module.weight
     d_out, d_in = (w.shape[1], w.shape[0]) if transposed else tuple(w.shape)
@@ -55,17 +56,29 @@ def adapt(
     *,
     method: str = "lsr",
     targets: Targets = None,
-    trainable: tuple[str, ...] | list[str] = (),
+    trainable: str | tuple[str, ...] | list[str] = (),
     **options: Any,
 ) -> ModelT:
     """Insert adapters into ``model``'s target layers, freeze the rest, and return the same object.
 
     ``model`` may be a plain ``nn.Module`` or what ``torch.compile`` returns (it stays compiled). Give either a
     ``config`` (e.g. ``LSRConfig(r1=2, r2=2)``) or a ``method`` name with its ``options``. ``targets``: module-name
-    suffixes, a regex or a predicate (default: attention query/value projections, else every linear layer but the
-    output head). ``trainable``: base modules/parameters to keep trainable, e.g. ``("classifier",)``.
+    suffixes, a string (read as one suffix, else as a full-name regex) or a predicate (default: attention
+    query/value projections, else every linear layer but the output head). ``trainable``: base modules/parameters
+    to keep trainable, e.g. ``"classifier"`` or ``("classifier", "pooler")``.
     On bad input an :class:`LsrfxError` names the layer, shape and fix, and the model is left untouched.
+
+    Besides the model, ``adapt`` sets up two things: it installs lsrfx's fusion pass into Inductor's pre-grad
+    passes (:func:`lsrfx.passes.install`: idempotent, applies ``LSRFX_LOG``; graphs without lsrfx ops pass through
+    unchanged), so that ``torch.compile`` fuses the adapters; and it records a few rows of each forward call's
+    inputs (:mod:`lsrfx.export.recorded_inputs`), so ``merge_and_export`` needs no example inputs after a forward.
+
+    Checkpoints: an adapted layer's ``state_dict`` also holds ``weight`` = ``W0 + dW``, which plain models (a Hugging
+    Face ``from_pretrained``) load, and a base checkpoint's ``weight`` loads into an adapted model as ``W0``
+    (:mod:`lsrfx.state_dict_hooks`). A ``meta``-device model may be adapted: ``to_empty`` re-initialises the adapters.
     """
+    from lsrfx.export.recorded_inputs import start_recording  # on use: lsrfx.export imports this module
+
     root = unwrap(model)
     if adapt_state(root) is not None or any(True for _ in adapted_layers(root)):
         raise LsrfxError(
@@ -85,7 +98,7 @@ def adapt(
     for spec in specs:
         config.check(spec)
         _check_finite(spec, modules[spec.name].weight)
-    trainable_names = match_parameter_names(root, list(trainable))
+    trainable_names = match_parameter_names(root, trainable)
     adapters = config.build(specs)
 
     # Validation is over: from here on the model changes.
@@ -95,9 +108,11 @@ def adapt(
         params[n].requires_grad_(False)
     for spec, adapter in zip(specs, adapters, strict=True):
         parametrize.register_parametrization(modules[spec.name], "weight", AdaptedWeight(adapter, spec.transposed))
+        state_dict_hooks.install_hooks(modules[spec.name])
     state = AdaptState(config, names, trainable_names, targets, frozen)
     object.__setattr__(root, STATE_ATTR, state)
-    model.register_forward_pre_hook(_record_inputs, with_kwargs=True)
+    start_recording(model)
+    passes.install()
     n_adapter = sum(p.numel() for p in adapter_parameters(root).values())
     log.info("lsrfx: adapted %d layers with %s (%s trainable adapter parameters): %s",
              len(names), config.method, f"{n_adapter:,}", ", ".join(names))
@@ -114,31 +129,10 @@ def _check_finite(spec: LayerSpec, weight: torch.Tensor) -> None:
     if n_bad:
         n_nan = int(torch.isnan(weight).sum())
         raise LsrfxError(
-            f"layer '{spec.name}' (weight {spec.shape}, {weight.dtype}) has {n_bad} non-finite base weight "
+            f"layer '{spec.name}' (weight {spec.shape_text}, {weight.dtype}) has {n_bad} non-finite base weight "
             f"entries ({n_nan} NaN, {n_bad - n_nan} inf); lsrfx will not adapt it. Check the checkpoint or the "
             f"dtype conversion that produced it (fp16 overflows above 65504), or leave this layer out of `targets`."
         )
-
-
-@torch.compiler.disable
-def _record_inputs(module: nn.Module, args: tuple, kwargs: dict) -> None:
-    """Forward pre-hook keeping the latest call's inputs (references, no copies) for ``merge_and_export``.
-
-    It finds the state through ``module`` (not a closure), so a ``deepcopy`` of the model records into its own state.
-    Under ``torch.compile(lsrfx.adapt(m))`` it costs one graph break before the forward; on a compiled model given
-    to ``adapt`` it sits on the ``OptimizedModule`` wrapper, outside the compiled region.
-    """
-    state = adapt_state(module)
-    if state is not None:
-        state.last_inputs = (args, kwargs)
-
-
-def remove_input_recorder(module: nn.Module) -> None:
-    """Drop ``_record_inputs`` from ``module``'s forward pre-hooks (found by identity, so copies work too)."""
-    for key, fn in list(module._forward_pre_hooks.items()):
-        if fn is _record_inputs:
-            del module._forward_pre_hooks[key]
-            module._forward_pre_hooks_with_kwargs.pop(key, None)
 
 
 def merge(model: ModelT) -> ModelT:
@@ -155,13 +149,15 @@ def merge(model: ModelT) -> ModelT:
 def remove_adapters(model: nn.Module, *, fold: bool) -> None:
     """Remove every lsrfx object from ``model``: parametrizations (``fold``: keep ``W0 + dW``, else restore
     ``W0``), the input recorder and the state; parameters ``adapt`` froze become trainable again."""
+    from lsrfx.export.recorded_inputs import stop_recording  # on use: lsrfx.export imports this module
+
     root = unwrap(model)
     state = adapt_state(root)
     for _, module, _ in list(adapted_layers(root)):
-        own_class(module)  # a deepcopy shares the generated class with its original: never edit a shared one
+        give_private_class(module)  # a deepcopy shares the generated class with its original: never edit it
         parametrize.remove_parametrizations(module, "weight", leave_parametrized=fold)
-    for m in {id(model): model, id(root): root}.values():
-        remove_input_recorder(m)
+        state_dict_hooks.remove_hooks(module)
+    stop_recording(model)
     if state is not None:
         params = dict(root.named_parameters())
         for n in state.frozen:
@@ -211,7 +207,7 @@ def summary(model: nn.Module) -> str:
         new = [p for p in param.adapter.parameters() if id(p) not in seen]
         seen.update(id(p) for p in new)
         shared = "" if len(new) == len(list(param.adapter.parameters())) else " (shared)"
-        rows.append((name, state.config.method, spec.shape, str(param.adapter.rank),
+        rows.append((name, state.config.method, spec.shape_text, str(param.adapter.rank),
                      f"{sum(p.numel() for p in new):,}{shared}"))
     n_adapter, n_base = count_parameters(root)
     n_trainable_base = sum(p.numel() for n, p in root.named_parameters() if n in state.trainable)

@@ -1,7 +1,12 @@
 """The ``lsrfx`` console script: ``lsrfx finetune`` (the end-to-end job) and ``lsrfx inspect`` (the rewritten graph).
 
-Bad input ends with one line on stderr and exit status 2, never a traceback; Ctrl-C exits with 130 and leaves no
-half-written output.
+The adapter option flags are generated from the config dataclasses registered in ``lsrfx.adapters.METHODS`` (one
+flag per field, its help text from the field's ``metadata["help"]``), so a new method needs no CLI change. Bad input
+ends with one line on stderr and exit status 2, never a traceback; Ctrl-C exits with 130 and leaves no half-written
+output.
+
+Imports are deferred to the subcommand that needs them: ``lsrfx --help`` imports neither torch nor transformers,
+onnx or matplotlib; the adapter registry (and with it torch) is imported only to build a subcommand's option flags.
 """
 
 from __future__ import annotations
@@ -11,15 +16,88 @@ import dataclasses
 import os
 import sys
 import time
+import types
+import typing
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, Literal, NoReturn
 
 from lsrfx.errors import LsrfxError
 from lsrfx.finetune import defaults
 
-# Rank/scale options: CLI flag -> config field, applied to every chosen method whose config has that field.
-METHOD_FLAGS = {"rank": "r", "alpha": "alpha", "r1": "r1", "r2": "r2", "separation_rank": "separation_rank",
-                "group_size": "group_size", "init": "init"}
+# Flag spellings that differ from the generated ``--field-name`` (kept from the hand-written flags of earlier versions).
+FLAG_NAMES: dict[str, tuple[str, ...]] = {"r": ("--rank", "-r")}
+METAVARS = {int: "N", float: "X", str: "TEXT"}
+
+
+@dataclass(frozen=True)
+class OptionFlag:
+    """The CLI flag of one adapter config field, shared by every method whose config has a field of that name."""
+
+    field: str
+    flags: tuple[str, ...]
+    methods: tuple[str, ...]
+    argparse_kwargs: dict[str, Any]
+
+    @property
+    def dest(self) -> str:
+        return f"adapter_option_{self.field}"
+
+
+def adapter_option_flags() -> list[OptionFlag]:
+    """One flag per config field name over the methods in :data:`lsrfx.adapters.METHODS` (registry order), typed
+    from the field's annotation and described by its ``metadata["help"]`` plus the methods that have it and their
+    defaults. A new method's fields become flags without touching the CLI."""
+    from lsrfx.adapters import METHODS
+
+    fields: dict[str, list[tuple[str, dataclasses.Field, Any]]] = {}
+    for method, cls in METHODS.items():
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            fields.setdefault(f.name, []).append((method, f, hints[f.name]))
+    flags = []
+    for name, entries in fields.items():
+        kinds = {repr(hint) for _, _, hint in entries}
+        if len(kinds) > 1:
+            raise TypeError(f"config field {name!r} has different types across methods ({sorted(kinds)}); "
+                            "one CLI flag cannot serve them all: rename one of the fields.")
+        methods = tuple(m for m, _, _ in entries)
+        flags.append(OptionFlag(name, FLAG_NAMES.get(name, ("--" + name.replace("_", "-"),)), methods,
+                                {**argparse_type(entries[0][2], name), "help": field_help(entries)}))
+    return flags
+
+
+def argparse_type(hint: Any, name: str) -> dict[str, Any]:
+    """``add_argument`` keywords that parse a value of type ``hint`` (optional values: the inner type)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in args if a is not type(None)]
+        if len(inner) == 1:
+            return argparse_type(inner[0], name)
+    elif origin is Literal:
+        return {"choices": list(args), "type": type(args[0])}
+    elif origin is tuple and args and Ellipsis not in args and len(set(args)) == 1 and args[0] in METAVARS:
+        return {"type": args[0], "nargs": len(args), "metavar": METAVARS[args[0]]}
+    elif hint in METAVARS:
+        return {"type": hint, "metavar": METAVARS[hint]}
+    elif hint is bool:
+        return {"action": argparse.BooleanOptionalAction}
+    raise TypeError(f"config field {name!r} of type {hint!r} has no CLI flag type; give it an int, float, str, "
+                    "bool, Literal or fixed-length tuple type, or set it with --set only.")
+
+
+def field_help(entries: list[tuple[str, dataclasses.Field, Any]]) -> str:
+    """The fields' help text (per method where the methods' texts differ), then each method with its default."""
+    texts: dict[str, list[str]] = {}
+    for method, f, _ in entries:
+        texts.setdefault(f.metadata.get("help", f.name), []).append(method)
+    if len(texts) == 1:
+        text = next(iter(texts))
+    else:
+        text = "; ".join(f"{'/'.join(methods)}: {t}" for t, methods in texts.items())
+    shown = ", ".join(method if f.default is None else f"{method}: {f.default}" for method, f, _ in entries)
+    return f"{text} [{shown}]".replace("%", "%%")
 
 
 class Parser(argparse.ArgumentParser):
@@ -29,30 +107,26 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"lsrfx: error: {message} (see {self.prog} --help)\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(commands: Iterable[str] | None = None) -> argparse.ArgumentParser:
+    """The ``lsrfx`` parser. ``commands``: the subcommands whose options are added (default: all); the others are
+    listed with their one-line help only, so that ``lsrfx --help`` imports no adapter code (see :func:`main`)."""
+    chosen = set(COMMANDS if commands is None else commands)
     parser = Parser(prog="lsrfx", description="Structured low-rank adapters as a torch.compile pass.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
-    add_finetune(sub.add_parser("finetune", help="fine-tune a local encoder with adapters on a labelled CSV",
-                                description="Fine-tune a frozen encoder's adapters and classification head on a "
-                                "labelled CSV (default: all-MiniLM-L6-v2 on Debian package sections), evaluate on "
-                                "validation and test, save the adapters, export a merged ONNX model, and write "
-                                "report.json and report.png."))
-    add_inspect(sub.add_parser("inspect", help="print lsrfx.explain for a model directory or a transformers config",
-                               description="Adapt a model (a local directory or a named transformers config with "
-                               "random weights), compile it and print what the lsrfx pass does to its graph."))
+    for name, (short, description, add_options) in COMMANDS.items():
+        p = sub.add_parser(name, help=short, description=description)
+        if name in chosen:
+            add_options(p)
     return parser
 
 
 def add_method_options(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("adapter options (applied to every chosen method that has them)")
+    """``--targets``, one flag per adapter config field (see :func:`adapter_option_flags`), and ``--set``."""
+    g = p.add_argument_group("adapter options (applied to every chosen method that has them; in brackets: those "
+                             "methods and their defaults)")
     g.add_argument("--targets", nargs="+", metavar="NAME", help="module-name suffixes to adapt (default: query value)")
-    g.add_argument("--rank", "-r", type=int, help="rank r (lora, condlora, genlora)")
-    g.add_argument("--alpha", type=float, help="scale numerator: the update is scaled by alpha / rank")
-    g.add_argument("--r1", type=int, help="lsr: rank of the first Kronecker factor")
-    g.add_argument("--r2", type=int, help="lsr: rank of the second Kronecker factor")
-    g.add_argument("--separation-rank", type=int, help="lsr: number S of Kronecker terms")
-    g.add_argument("--group-size", type=int, help="genlora: latent dimension g")
-    g.add_argument("--init", choices=["zero", "paper"], help="lsr: initialisation")
+    for flag in adapter_option_flags():
+        g.add_argument(*flag.flags, dest=flag.dest, **flag.argparse_kwargs)
     g.add_argument("--set", action="append", default=[], metavar="METHOD.KEY=VALUE",
                    help="any config option of one method, e.g. --set lsr.alpha=16 (repeatable)")
 
@@ -102,8 +176,23 @@ def add_inspect(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layers", type=int, help="with --config: number of hidden layers (default: the config's)")
     p.add_argument("--method", default=defaults.DEFAULT_METHOD, help="adapter method (default: %(default)s)")
     add_method_options(p)
-    p.add_argument("--seq-len", type=int, default=16, help="example input length (default: %(default)s)")
+    p.add_argument("--seq-len", type=int, default=16, help="example input length in tokens, text models "
+                   "(default: %(default)s; image models get the config's image size)")
     p.add_argument("--batch", type=int, default=2, help="example batch size (default: %(default)s)")
+    p.add_argument("--graphs", action="store_true", help="also print every captured graph before and after the "
+                   "lsrfx pass (default: the decisions, graph breaks and counts only)")
+
+
+COMMANDS: dict[str, tuple[str, str, Callable[[argparse.ArgumentParser], None]]] = {
+    "finetune": ("fine-tune a local encoder with adapters on a labelled CSV",
+                 "Fine-tune a frozen encoder's adapters and classification head on a labelled CSV (default: "
+                 "all-MiniLM-L6-v2 on Debian package sections), evaluate on validation and test, save the adapters, "
+                 "export a merged ONNX model, and write report.json and report.png.", add_finetune),
+    "inspect": ("print lsrfx.explain for a model directory or a transformers config",
+                "Adapt a model (a local directory or a named transformers config with random weights), compile it "
+                "and print what the lsrfx pass does to its graph: each adapted layer's decision, graph breaks and "
+                "counts (--graphs adds the graphs).", add_inspect),
+}
 
 
 def parse_value(text: str) -> Any:
@@ -125,22 +214,22 @@ def parse_value(text: str) -> Any:
 
 
 def method_options(args: argparse.Namespace, methods: list[str]) -> dict[str, dict[str, Any]]:
-    """Per-method config options from the shared flags and ``--set METHOD.KEY=VALUE``."""
-    from lsrfx.adapters import METHODS, make_config
+    """Per-method config options from the adapter option flags and ``--set METHOD.KEY=VALUE``."""
+    from lsrfx.adapters import make_config
 
     for m in methods:
         make_config(m, {})  # unknown method -> one clear error
-    fields = {m: {f.name for f in dataclasses.fields(METHODS[m])} for m in methods}
     options: dict[str, dict[str, Any]] = {m: {} for m in methods}
-    for flag, name in METHOD_FLAGS.items():
-        value = getattr(args, flag)
+    for flag in adapter_option_flags():
+        value = getattr(args, flag.dest)
         if value is None:
             continue
-        users = [m for m in methods if name in fields[m]]
+        users = [m for m in methods if m in flag.methods]
         if not users:
-            raise LsrfxError(f"--{flag.replace('_', '-')} does not apply to method(s) {methods}.")
+            raise LsrfxError(f"{flag.flags[0]} does not apply to method(s) {methods}; it is an option of "
+                             f"{list(flag.methods)}.")
         for m in users:
-            options[m][name] = value
+            options[m][flag.field] = tuple(value) if isinstance(value, list) else value
     for item in args.set:
         key, sep, value = item.partition("=")
         method, dot, name = key.partition(".")
@@ -177,17 +266,20 @@ def finetune(args: argparse.Namespace) -> int:
 
 
 def inspect(args: argparse.Namespace) -> int:
-    from lsrfx.finetune.inspect import inspect_model
+    from lsrfx.finetune.inspect_model import inspect_model
 
     options = method_options(args, [args.method])[args.method]
     print(inspect_model(model_dir=args.model, model_type=args.config, layers=args.layers, method=args.method,
-                        targets=args.targets, options=options, seq_len=args.seq_len, batch=args.batch))
+                        targets=args.targets, options=options, seq_len=args.seq_len, batch=args.batch,
+                        graphs=args.graphs))
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``lsrfx`` console script."""
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = next((a for a in argv if a in COMMANDS), None)  # the top-level parser has no option taking a value
+    args = build_parser([command] if command else []).parse_args(argv)
     try:
         return {"finetune": finetune, "inspect": inspect}[args.command](args)
     except LsrfxError as exc:
@@ -212,6 +304,8 @@ def idle_cores(limit: int) -> int:
 
 
 def one_line(exc: BaseException) -> str:
+    """The whole message with its line breaks and runs of spaces collapsed: the CLI's errors are one line long.
+    (Unlike :func:`lsrfx.utils.first_line`, which keeps only the first line, nothing of the message is dropped.)"""
     return " ".join(str(exc).split()) or type(exc).__name__
 
 

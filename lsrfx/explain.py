@@ -4,25 +4,31 @@ Captures the model's Dynamo graphs on the given inputs (without resetting Dynamo
 its compiled code; the capture itself may add a cache entry), runs the lsrfx pass on a copy of each, and reports
 per graph: the captured graph and the rewritten one with the adapted nodes marked, each adapted node's decision
 (fused or materialised, and why), the graph breaks with their reasons, and the number of fused ops.
+
+By default the report is a short summary (decisions, graph breaks, counts: a few lines per adapted layer);
+``graphs=True`` adds every captured graph before and after the pass (hundreds of lines for a transformer). The
+heavy imports (torch, Dynamo, the pass) happen on the first call, so ``import lsrfx`` stays cheap.
 """
 
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import fx, nn
-from torch._dynamo.utils import counters
+from lsrfx.errors import LsrfxError
 
-from lsrfx.passes.cost_model import MEASURED_RULE, policy
-from lsrfx.passes.fuse import Decision, fuse_adapted_linears
-from lsrfx.passes.match import call_kind
+if TYPE_CHECKING:
+    from torch import fx, nn
 
-FUSED_OPS = ("lsrfx.lowrank_linear", "lsrfx.lsr_linear")
+    from lsrfx.passes.fuse import Decision
 
 
 def _capture(model: nn.Module, args: tuple, kwargs: dict) -> tuple[list[fx.GraphModule], list[str]]:
+    import torch
+    from torch._dynamo.utils import counters
+
+    from lsrfx.utils import first_line
+
     graphs: list[fx.GraphModule] = []
 
     def backend(gm: fx.GraphModule, example_inputs: list) -> Any:
@@ -30,7 +36,13 @@ def _capture(model: nn.Module, args: tuple, kwargs: dict) -> tuple[list[fx.Graph
         return gm.forward
 
     before = dict(counters["graph_break"])
-    torch.compile(model, backend=backend)(*args, **kwargs)
+    try:
+        torch.compile(model, backend=backend)(*args, **kwargs)
+    except Exception as exc:  # the model's own error on these inputs, not an lsrfx failure: say so in one line
+        raise LsrfxError(
+            f"lsrfx.explain: {type(model).__name__}.forward failed on the example inputs ({_describe(args, kwargs)}): "
+            f"{first_line(exc)}. Pass the inputs the model's forward takes, e.g. explain(model, **batch)."
+        ) from exc
     breaks = [f"{reason} (x{n - before.get(reason, 0)})" for reason, n in counters["graph_break"].items()
               if n > before.get(reason, 0)]
     return graphs, breaks
@@ -45,38 +57,56 @@ def _marked(graph: fx.Graph, marks: dict[str, str]) -> str:
     return "\n".join(lines)
 
 
+def _describe(args: tuple, kwargs: dict) -> str:
+    show = lambda v: f"Tensor{tuple(v.shape)}" if hasattr(v, "shape") else type(v).__name__  # noqa: E731
+    return ", ".join([show(a) for a in args] + [f"{k}={show(v)}" for k, v in kwargs.items()]) or "no inputs"
+
+
 def _before_marks(graph: fx.Graph, decisions: list[Decision]) -> dict[str, str]:
+    from lsrfx.kernels.factor_table import is_factor_op
+
     marks = {d.node: f"adapted ({d.kind}): {d.action}" for d in decisions}
     for node in graph.nodes:
-        if call_kind(node) in ("compose", "kron_sum"):
+        if is_factor_op(node):
             marks.setdefault(node.name, "adapter factor op")
     return marks
 
 
 def _after_marks(graph: fx.Graph) -> dict[str, str]:
-    return {n.name: "FUSED" for n in graph.nodes if any(op in str(n.target) for op in FUSED_OPS)}
+    from lsrfx.kernels.factor_table import is_fused_op
+
+    return {n.name: "FUSED" for n in graph.nodes if is_fused_op(n)}
 
 
-def explain(model: nn.Module, *example_inputs: Any, **kwargs: Any) -> str:
-    """A report of the lsrfx rewrite for ``model(*example_inputs, **kwargs)`` (plain or compiled model)."""
-    root = getattr(model, "_orig_mod", model)
-    graphs, breaks = _capture(root, example_inputs, kwargs)
-    out = [f"lsrfx.explain: {len(graphs)} graph(s), {len(breaks)} graph break reason(s); fusion policy "
+def explain(model: nn.Module, *example_inputs: Any, graphs: bool = False, **kwargs: Any) -> str:
+    """A report of the lsrfx rewrite for ``model(*example_inputs, **kwargs)`` (plain or compiled model): per
+    captured graph, each adapted node's decision and why, then graph breaks and counts. ``graphs=True`` adds the
+    captured graphs before and after the pass, adapted nodes marked. Raises :class:`LsrfxError` when the model's
+    forward fails on the inputs."""
+    from lsrfx.passes.cost_model import MEASURED_RULE, policy
+    from lsrfx.passes.fuse import fuse_adapted_linears
+    from lsrfx.utils import unwrap
+
+    root = unwrap(model)
+    captured, breaks = _capture(root, example_inputs, kwargs)
+    out = [f"lsrfx.explain: {len(captured)} graph(s), {len(breaks)} graph break reason(s); fusion policy "
            f"{policy()!r}; rule: {MEASURED_RULE}"]
     total_fused = total_adapted = 0
-    for i, gm in enumerate(graphs):
-        original = copy.deepcopy(gm.graph)
+    for i, gm in enumerate(captured):
+        original = copy.deepcopy(gm.graph) if graphs else None
         decisions = fuse_adapted_linears(gm.graph, record=False)
-        before_text = _marked(original, _before_marks(original, decisions))
         n_fused = sum(d.action == "fused" for d in decisions)
         total_fused += n_fused
         total_adapted += len(decisions)
         out.append(f"\n=== graph {i}: {len(decisions)} adapted node(s), {n_fused} fused ===")
         out += [f"  {d}" for d in decisions] or ["  (no adapted layers: graph left unchanged)"]
-        out.append(f"--- captured graph (before) ---\n{before_text}")
-        if decisions:
-            out.append(f"--- after the lsrfx pass ---\n{_marked(gm.graph, _after_marks(gm.graph))}")
+        if graphs:
+            out.append(f"--- captured graph (before) ---\n{_marked(original, _before_marks(original, decisions))}")
+            if decisions:
+                out.append(f"--- after the lsrfx pass ---\n{_marked(gm.graph, _after_marks(gm.graph))}")
     out.append("\n=== graph breaks ===")
     out += [f"  {b}" for b in breaks] or ["  none"]
     out.append(f"\nfused ops: {total_fused} of {total_adapted} adapted node(s)")
+    if not graphs and captured:
+        out.append("(graphs before and after the pass: explain(..., graphs=True), or lsrfx inspect --graphs)")
     return "\n".join(out)

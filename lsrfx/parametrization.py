@@ -2,20 +2,22 @@
 
 ``module.weight`` then reads ``compose(W0, A, B, scale)`` = ``W0 + scale * B @ A``: eager mode is exact by
 construction, adapter tensors are ordinary ``nn.Parameter``s under the module (optimizers, ``state_dict``, ``.to()``,
-DDP/FSDP see them), every op that consumes the weight is adapted, and Dynamo traces it into
-``linear(x, compose(...))``, the pattern the compile pass fuses.
+DDP/FSDP see them; a CondLoRA pair under the first layer of its group), every op that consumes the weight is
+adapted, and Dynamo traces it into ``linear(x, compose(...))``, the pattern the compile pass fuses. How an adapted
+layer saves and loads (a merged ``weight`` for plain loaders) is :mod:`lsrfx.state_dict_hooks`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from lsrfx.adapters.base import Adapter
-from lsrfx.kernels.factor_ops import compose
+from lsrfx.errors import LsrfxError
+from lsrfx.kernels.compose import compose
 
 
 class AdaptedWeight(nn.Module):
@@ -40,6 +42,28 @@ class AdaptedWeight(nn.Module):
         a, b = self.adapter.factors(weight.t() if self.transposed else weight)
         return compose(weight, a, b, self.adapter.scale, self.transposed)
 
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> AdaptedWeight:
+        """``Module._apply`` (``to``, ``to_empty``, ...), then re-initialise the adapter modules it moved off the
+        ``meta`` device: ``to_empty`` leaves uninitialised memory, and an adapter must start from its method's init
+        (LoRA's ``B = 0``, so ``dW = 0``), whereas base weights are then loaded from a checkpoint."""
+        on_meta = [m for m in self.adapter.modules() if _owns_meta_parameters(m)]
+        super()._apply(fn, recurse)
+        for m in on_meta:
+            if not _owns_meta_parameters(m):
+                if not hasattr(m, "reset_parameters"):
+                    raise LsrfxError(
+                        f"{type(m).__name__} has no reset_parameters(), so its parameters hold uninitialised memory "
+                        "after to_empty; adapt the materialised model instead (to_empty, load the base weights, then "
+                        "lsrfx.adapt)."
+                    )
+                with torch.no_grad():
+                    m.reset_parameters()
+        return self
+
+
+def _owns_meta_parameters(module: nn.Module) -> bool:
+    return any(p.is_meta for p in module.parameters(recurse=False))
+
 
 def adapted_weight(module: nn.Module) -> AdaptedWeight | None:
     """The lsrfx parametrization on ``module.weight``, if any."""
@@ -56,11 +80,12 @@ def adapted_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module, AdaptedWe
             yield name, module, param
 
 
-def own_class(module: nn.Module) -> None:
+def give_private_class(module: nn.Module) -> None:
     """Give a parametrized module a private copy of its generated class (same name, bases and members).
 
     ``parametrize`` generates one class per parametrized module and ``copy.deepcopy`` shares it between original
-    and copy, so removing the parametrization from one would delete ``weight`` from the other (DESIGN.md section 4).
+    and copy, so removing the parametrization from one would delete ``weight`` from the other (see
+    ``docs/architecture.md``, "Why the adapter goes in through the weight").
     """
     cls = type(module)
     members = {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")}
@@ -73,7 +98,8 @@ def base_weight(module: nn.Module) -> Tensor:
 
 
 def adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
-    """Adapter parameters by their first qualified name, shared ones (CondLoRA) once."""
+    """Adapter parameters by their first qualified name, shared ones (CondLoRA) once: the name they are registered
+    under (a CondLoRA pair belongs to the first layer of its group), which is also their ``state_dict`` key."""
     seen: set[int] = set()
     out: dict[str, nn.Parameter] = {}
     for name, _, param in adapted_layers(model):

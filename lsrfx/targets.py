@@ -1,9 +1,14 @@
 """Finding the linear-like layers of a model and choosing which to adapt (``targets``, as peft's ``target_modules``).
 
 ``targets`` may be a list of module-name suffixes (``["query", "value"]`` matches ``...attention.self.query``), a
-regular expression string matched against the full name (``re.fullmatch``), or a predicate
-``(name, module) -> bool``. The default adapts the attention query and value projections under their common names
-and, if a model has none, every linear layer except the output head.
+single string, or a predicate ``(name, module) -> bool``. A string is read as one suffix first (``"query"``, as
+``["query"]``: the layers whose name equals it or ends with ``"." + it``); only when no layer has that suffix is it
+read as a regular expression matched against the whole name (``re.fullmatch``, e.g.
+``".*attention.*(query|value)"``). An error for a string says how it was read. The default adapts the attention
+query and value projections under their common names and, if a model has none, every linear layer except the output
+head.
+
+``trainable`` (:func:`match_parameter_names`) takes module or parameter names; a bare string is one name.
 """
 
 from __future__ import annotations
@@ -59,11 +64,7 @@ def select_targets(model: nn.Module, targets: Targets) -> list[str]:
     elif callable(targets):
         chosen = [n for n, m in layers.items() if targets(n, m)]
     elif isinstance(targets, str):
-        try:
-            pattern = re.compile(targets)
-        except re.error as exc:
-            raise LsrfxError(f"targets={targets!r} is not a valid regular expression: {exc}.") from exc
-        chosen = [n for n in layers if pattern.fullmatch(n)]
+        chosen = _string_targets(layers, targets)
     elif isinstance(targets, Iterable):
         targets = list(targets)
         if not targets or not all(isinstance(t, str) for t in targets):
@@ -76,6 +77,24 @@ def select_targets(model: nn.Module, targets: Targets) -> list[str]:
     return chosen
 
 
+def _string_targets(layers: dict[str, nn.Module], targets: str) -> list[str]:
+    """A string target: the layers with that name suffix, else the layers whose whole name the regex matches."""
+    chosen = [n for n in layers if _suffix_match(n, targets)]
+    if chosen:
+        return chosen
+    try:
+        pattern = re.compile(targets)
+    except re.error as exc:
+        raise LsrfxError(f"targets={targets!r} (a string: read as a module-name suffix, then as a regular expression) "
+                         f"is no layer's suffix and not a valid regular expression: {exc}. "
+                         f"{describe_layers(layers)}") from exc
+    chosen = [n for n in layers if pattern.fullmatch(n)]
+    if not chosen:
+        raise LsrfxError(f"targets={targets!r} (a string: read as a module-name suffix, then as a regular expression "
+                         f"matched against the whole name) matched no linear layer. {describe_layers(layers)}")
+    return chosen
+
+
 def describe_layers(layers: dict[str, nn.Module]) -> str:
     """A short list of the linear layers that exist, by their distinct last name component."""
     if not layers:
@@ -84,8 +103,11 @@ def describe_layers(layers: dict[str, nn.Module]) -> str:
     return f"The model's linear layers end in: {suffixes} (e.g. '{next(iter(layers))}')."
 
 
-def match_parameter_names(model: nn.Module, patterns: Sequence[str]) -> list[str]:
-    """Parameter names under the modules (or equal to the names) given in ``trainable``, e.g. ``["classifier"]``."""
+def match_parameter_names(model: nn.Module, patterns: str | Sequence[str]) -> list[str]:
+    """Parameter names under the modules (or equal to the names) given in ``trainable``, e.g. ``["classifier"]``;
+    a bare string is one name (``"classifier"``), never split into characters."""
+    if isinstance(patterns, str):
+        patterns = [patterns]
     names = [n for n, _ in model.named_parameters()]
     found: list[str] = []
     for pattern in patterns:

@@ -1,8 +1,14 @@
-"""Test-session setup shared by every test file.
+"""Test-session setup and the tiny models and per-method options every test file shares.
 
 TRITON_INTERPRET=1 must be set before triton is first imported: it makes Triton kernels run on CPU tensors (eager
 only), which is how the kernels are checked on a machine without a GPU.
+
+Test files import what they share from here (``from conftest import TINY_OPTIONS, tiny_bert``; pytest puts
+``tests/`` on ``sys.path``). Adding an adapter method to the tests is one entry in ``TINY_OPTIONS``;
+``tests/test_adapters.py`` checks that its keys are exactly ``lsrfx.METHODS``.
 """
+
+from __future__ import annotations
 
 import os
 
@@ -10,10 +16,97 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+from typing import TYPE_CHECKING, Any  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.utils.checkpoint import checkpoint  # noqa: E402
+
+if TYPE_CHECKING:
+    from transformers import BertForSequenceClassification, GPT2LMHeadModel
+
+# Small options for every registered method, used wherever a test runs "each method". Constraints they meet:
+# * they fit every layer the tests adapt with them: the sides are even and >= 8 (smallest: tiny_mlp's 8 x 10, T5's
+#   8 x 16 in test_architectures), so ranks <= 6 fit, and LSR's r1 = r2 = 2 fit both factors of the balanced
+#   Kronecker split of an even side (e.g. 8 = 4 x 2, 10 = 5 x 2);
+# * the rank stays below the smaller side of those layers, so "rank(dW) <= r" checks have teeth;
+# * LoRA and CondLoRA scale by alpha / r = 2, not 1, so a dropped scale shows;
+# * on ToyNet's 32 x 32 layers every structured method has fewer adapter parameters than LoRA (LoRA 256 per layer,
+#   LSR 144, CondLoRA 256 per group of layers, GenLoRA 176): tests/test_distributed.py asserts it communicates less.
+TINY_OPTIONS: dict[str, dict[str, Any]] = {
+    "lora": dict(r=4, alpha=8.0),
+    "lsr": dict(r1=2, r2=2, separation_rank=3, alpha=4.0),
+    "condlora": dict(r=4, alpha=8.0),
+    "genlora": dict(r=6, group_size=2, alpha=6.0),
+}
 
 
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+def tiny_mlp(d_in: int = 12, d_hidden: int = 10, d_out: int = 8) -> nn.Sequential:
+    """``Linear(d_in, d_hidden), Tanh, Linear(d_hidden, d_out)``: the adapted layers are named ``"0"`` and ``"2"``."""
+    return nn.Sequential(nn.Linear(d_in, d_hidden), nn.Tanh(), nn.Linear(d_hidden, d_out))
+
+
+def tiny_bert(**config_overrides: Any) -> BertForSequenceClassification:
+    """A random-weight BERT classifier in eval mode: 2 layers, hidden 32 (``query`` / ``value`` 32 x 32),
+    intermediate 48, 2 heads, vocabulary 100, 32 positions, 3 labels, no dropout. ``.bert`` is the bare encoder
+    (``BertModel`` with pooler). ``config_overrides`` replace any of these ``BertConfig`` fields."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    config = dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48,
+                  max_position_embeddings=32, num_labels=3, problem_type="single_label_classification",
+                  hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return BertForSequenceClassification(BertConfig(**{**config, **config_overrides})).eval()
+
+
+def tiny_gpt2(**config_overrides: Any) -> GPT2LMHeadModel:
+    """A random-weight GPT-2 language model in eval mode: 2 layers, hidden 32 (``c_attn`` is a ``Conv1D`` 32 -> 96),
+    2 heads, vocabulary 100, 32 positions, no dropout, no KV cache. ``.transformer`` is the bare ``GPT2Model``.
+    ``config_overrides`` replace any of these ``GPT2Config`` fields."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = dict(vocab_size=100, n_embd=32, n_layer=2, n_head=2, n_positions=32, use_cache=False,
+                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return GPT2LMHeadModel(GPT2Config(**{**config, **config_overrides})).eval()
+
+
+TOY_WIDTH, TOY_CLASSES = 32, 3
+
+
+class ToyBlock(nn.Module):
+    """An attention-shaped residual block on ``TOY_WIDTH`` features: ``query`` / ``value`` (the adapter targets),
+    ``out``, optional dropout on the residual branch, then LayerNorm."""
+
+    def __init__(self, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.query, self.value = nn.Linear(TOY_WIDTH, TOY_WIDTH), nn.Linear(TOY_WIDTH, TOY_WIDTH)
+        self.out = nn.Linear(TOY_WIDTH, TOY_WIDTH)
+        self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.norm = nn.LayerNorm(TOY_WIDTH)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x + self.drop(self.out(torch.tanh(self.query(x)) * self.value(x))))
+
+
+class ToyNet(nn.Module):
+    """Two ``ToyBlock``s and a ``head`` on the sequence mean: ``(batch, seq, TOY_WIDTH) -> (batch, TOY_CLASSES)``.
+
+    ``dropout``: each block's residual dropout (0: none, the forward is deterministic); ``ckpt``: wrap each block
+    in ``torch.utils.checkpoint`` (non-reentrant).
+    """
+
+    def __init__(self, dropout: float = 0.0, ckpt: bool = False) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList([ToyBlock(dropout), ToyBlock(dropout)])
+        self.head = nn.Linear(TOY_WIDTH, TOY_CLASSES)
+        self.ckpt = ckpt
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = checkpoint(block, x, use_reentrant=False) if self.ckpt else block(x)
+        return self.head(x.mean(1))

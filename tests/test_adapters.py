@@ -9,16 +9,19 @@ import torch
 from torch import nn
 
 import lsrfx
+from lsrfx.adapters import make_config
 from lsrfx.adapters.base import LayerSpec
 from lsrfx.adapters.lsr import LSRConfig, balanced_split, lsr_parameter_count
 from lsrfx.parametrization import adapted_layers, base_weight
 
-OPTIONS = {
-    "lora": dict(r=4, alpha=8.0),
-    "lsr": dict(r1=2, r2=2, separation_rank=3, alpha=4.0),
-    "condlora": dict(r=4, alpha=8.0),
-    "genlora": dict(r=6, group_size=2, alpha=6.0),
-}
+from conftest import TINY_OPTIONS, tiny_mlp
+
+
+def test_tiny_options_cover_every_registered_method() -> None:
+    """The shared option table has one entry per registered method, and each entry is a valid config."""
+    assert set(TINY_OPTIONS) == set(lsrfx.METHODS)
+    for method, options in TINY_OPTIONS.items():
+        assert isinstance(make_config(method, options), lsrfx.METHODS[method])
 
 
 def _randomize(model: nn.Module) -> None:
@@ -27,10 +30,6 @@ def _randomize(model: nn.Module) -> None:
         for _, _, param in adapted_layers(model):
             for p in param.adapter.parameters():
                 p.copy_(torch.randn_like(p) * 0.3)
-
-
-def _mlp(d_in: int = 12, d_hidden: int = 10, d_out: int = 8) -> nn.Module:
-    return nn.Sequential(nn.Linear(d_in, d_hidden), nn.Tanh(), nn.Linear(d_hidden, d_out))
 
 
 def reference_factors(method: str, adapter: nn.Module, w0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,10 +59,10 @@ def reference_factors(method: str, adapter: nn.Module, w0: torch.Tensor) -> tupl
     raise AssertionError(method)
 
 
-@pytest.mark.parametrize("method", sorted(OPTIONS))
+@pytest.mark.parametrize("method", list(lsrfx.METHODS))
 def test_factors_delta_and_output_match_dense_reference(method: str) -> None:
-    model = _mlp()
-    lsrfx.adapt(model, method=method, targets=["0", "2"], **OPTIONS[method])
+    model = tiny_mlp()
+    lsrfx.adapt(model, method=method, targets=["0", "2"], **TINY_OPTIONS[method])
     _randomize(model)
     x = torch.randn(5, 12)
     h = x
@@ -84,18 +83,18 @@ def test_factors_delta_and_output_match_dense_reference(method: str) -> None:
         torch.testing.assert_close(model(x), out, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("method", sorted(OPTIONS))
+@pytest.mark.parametrize("method", list(lsrfx.METHODS))
 def test_update_is_zero_at_start(method: str) -> None:
-    model = _mlp()
+    model = tiny_mlp()
     before = model(torch.ones(2, 12)).detach()
-    lsrfx.adapt(model, method=method, targets=["0", "2"], **OPTIONS[method])
+    lsrfx.adapt(model, method=method, targets=["0", "2"], **TINY_OPTIONS[method])
     for _, module, param in adapted_layers(model):
         assert torch.count_nonzero(param.adapter.delta_weight(base_weight(module))) == 0
     assert torch.equal(model(torch.ones(2, 12)), before)
 
 
 def test_lsr_paper_init_starts_nonzero() -> None:
-    model = _mlp(16, 16, 16)
+    model = tiny_mlp(16, 16, 16)
     lsrfx.adapt(model, method="lsr", targets=["0"], r1=2, r2=2, separation_rank=4, init="paper")
     (_, module, param), = adapted_layers(model)
     for p in param.adapter.parameters():
@@ -183,11 +182,13 @@ def test_genlora_parameter_count_matches_formula() -> None:
     assert _count_unique(big) == 3328
 
 
-@pytest.mark.parametrize("method", sorted(OPTIONS))
+@pytest.mark.parametrize("method", list(lsrfx.METHODS))
 def test_gradcheck_through_factors_float64(method: str) -> None:
-    model = _mlp(8, 6, 4).double()
-    lsrfx.adapt(model, method=method, targets=["0", "2"],
-                **{**OPTIONS[method], **({"r": 3} if "r" in OPTIONS[method] else {"separation_rank": 2})})
+    model = tiny_mlp(8, 6, 4).double()
+    # Override of the shared options: the 4 x 6 layer allows rank <= 4 (GenLoRA's r = 6 would not fit), and two
+    # LSR terms instead of three halve the finite differences gradcheck takes.
+    override = {"r": 3} if "r" in TINY_OPTIONS[method] else {"separation_rank": 2}
+    lsrfx.adapt(model, method=method, targets=["0", "2"], **{**TINY_OPTIONS[method], **override})
     _randomize(model)
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     assert params

@@ -15,12 +15,13 @@ import lsrfx
 from lsrfx.api import adapt_state
 from lsrfx.parametrization import adapted_layers, adapter_parameters
 
+from conftest import TINY_OPTIONS, tiny_bert
 
-def bert(seed: int = 0, hidden: int = 16, layers: int = 2) -> tf.BertForSequenceClassification:
+
+def bert(seed: int = 0, **config_overrides) -> tf.BertForSequenceClassification:
+    """The shared tiny BERT with the weights of ``seed``: the same base model each time it is built."""
     torch.manual_seed(seed)
-    cfg = tf.BertConfig(vocab_size=64, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
-                        intermediate_size=2 * hidden, max_position_embeddings=32, initializer_range=0.5)
-    return tf.BertForSequenceClassification(cfg).eval()
+    return tiny_bert(**config_overrides)
 
 
 def perturb(model: nn.Module) -> None:
@@ -39,13 +40,10 @@ def logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
 IDS = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(3))
 
 
-OPTIONS = {"lora": {"r": 2}, "lsr": {"separation_rank": 3}, "condlora": {"r": 2}, "genlora": {"r": 4}}
-
-
-@pytest.mark.parametrize("method", list(OPTIONS))
+@pytest.mark.parametrize("method", list(lsrfx.METHODS))
 def test_round_trip_into_a_fresh_base_is_exact(method: str, tmp_path) -> None:
     trained = lsrfx.adapt(bert(), method=method, targets=["query", "value"], trainable=["classifier"],
-                          **OPTIONS[method])
+                          **TINY_OPTIONS[method])
     perturb(trained)
     lsrfx.save_adapters(trained, tmp_path)
 
@@ -59,14 +57,14 @@ def test_round_trip_into_a_fresh_base_is_exact(method: str, tmp_path) -> None:
 
 
 def test_condlora_shared_pairs_are_stored_once_and_shared_after_loading(tmp_path) -> None:
-    trained = lsrfx.adapt(bert(layers=3), method="condlora", r=2, targets=["query", "value"])
+    trained = lsrfx.adapt(bert(num_hidden_layers=3), method="condlora", r=2, targets=["query", "value"])
     perturb(trained)
     lsrfx.save_adapters(trained, tmp_path)
     with safe_open(str(tmp_path / "adapters.safetensors"), "pt") as f:
         keys = list(f.keys())
     assert len(keys) == 4  # 2 groups (query, value) x (C_A, C_B), although 6 layers use them
 
-    fresh = bert(layers=3)
+    fresh = bert(num_hidden_layers=3)
     lsrfx.load_adapters(fresh, tmp_path)
     queries = [fresh.bert.encoder.layer[i].attention.self.query for i in range(3)]
     pairs = {id(q.parametrizations.weight[0].adapter.pair) for q in queries}
@@ -75,7 +73,8 @@ def test_condlora_shared_pairs_are_stored_once_and_shared_after_loading(tmp_path
 
 
 def test_files_are_small_and_config_is_readable(tmp_path) -> None:
-    model = lsrfx.adapt(bert(hidden=128), method="lsr", targets=["query", "value"])
+    # A wider BERT (intermediate 2 x hidden) than the shared one, so that the base dwarfs the adapter file.
+    model = lsrfx.adapt(bert(hidden_size=128, intermediate_size=256), method="lsr", targets=["query", "value"])
     lsrfx.save_adapters(model, tmp_path)
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert config["method"] == "lsr" and config["options"]["separation_rank"] == 16
@@ -98,8 +97,8 @@ def test_different_base_model_fails_clearly_and_leaves_it_untouched(tmp_path) ->
     assert all(torch.equal(v, before[k]) for k, v in other.state_dict().items())
     assert all(p.requires_grad for p in other.parameters())
 
-    with pytest.raises(lsrfx.LsrfxError, match=r"shape/dtype \[32, 32\] float32 vs saved \[16, 16\] float32"):
-        lsrfx.load_adapters(bert(hidden=32), tmp_path)
+    with pytest.raises(lsrfx.LsrfxError, match=r"shape/dtype \[16, 16\] float32 vs saved \[32, 32\] float32"):
+        lsrfx.load_adapters(bert(hidden_size=16), tmp_path)
     with pytest.raises(lsrfx.LsrfxError, match="does not have"):
         lsrfx.load_adapters(nn.Sequential(nn.Linear(16, 16)), tmp_path)
 

@@ -8,21 +8,13 @@ import re
 import pytest
 import torch
 from torch import nn
-from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel
 
 import lsrfx
 from lsrfx import LsrfxError
+from lsrfx.export.recorded_inputs import latest
 from lsrfx.parametrization import adapted_layers
 
-
-def tiny_bert() -> BertForSequenceClassification:
-    config = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=48, max_position_embeddings=32, num_labels=3)
-    return BertForSequenceClassification(config).eval()
-
-
-def tiny_gpt2() -> GPT2LMHeadModel:
-    return GPT2LMHeadModel(GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=2, n_positions=32)).eval()
+from conftest import tiny_bert, tiny_gpt2
 
 
 def adapted_names(model: nn.Module) -> list[str]:
@@ -74,9 +66,9 @@ def test_freezes_base_except_trainable_and_reports() -> None:
 
 
 def test_merge_is_exact_on_bert_sized_layer_and_removes_lsrfx() -> None:
-    for method, opts in [("lora", {}), ("lsr", {}), ("condlora", {}), ("genlora", {})]:
+    for method in lsrfx.METHODS:  # each method's default options, on BERT-base-sized layers
         model = nn.Sequential(nn.Linear(768, 768), nn.GELU(), nn.Linear(768, 768))
-        lsrfx.adapt(model, method=method, targets=["0", "2"], **opts)
+        lsrfx.adapt(model, method=method, targets=["0", "2"])
         with torch.no_grad():
             for p in (p for n, p in model.named_parameters() if ".adapter." in n):
                 p.add_(torch.randn_like(p) * 0.02)
@@ -186,4 +178,6 @@ def test_merge_of_a_deepcopy_leaves_the_original_adapted_and_recording() -> None
     torch.testing.assert_close(original(input_ids=ids).logits, expected)  # `weight` still works on the original
     other = torch.randint(0, 100, (3, 4))
     original(input_ids=other)
-    assert lsrfx.api.adapt_state(original).last_inputs[1]["input_ids"] is other  # its recorder survived
+    recorded = latest(original)[1]["input_ids"]  # its recorder survived: a copy of the first rows, not `other`
+    assert torch.equal(recorded, other[:2]) and recorded.data_ptr() != other.data_ptr()
+    assert latest(clone) is None  # merging the copy stopped only the copy's recorder

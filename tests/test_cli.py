@@ -4,12 +4,14 @@ input, Ctrl-C, and the report files."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import os
 import random
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import onnxruntime
@@ -18,8 +20,15 @@ import torch
 import transformers
 
 import lsrfx
-from lsrfx.cli import main
+from lsrfx.adapters import LoRAConfig
+from lsrfx.adapters.base import option_field
+from lsrfx.cli import build_parser, main, method_options
+from lsrfx.finetune import defaults
 from lsrfx.finetune.data import load_data
+from lsrfx.finetune.errors import FinetuneError
+from lsrfx.finetune.run import FinetuneSettings, check_settings
+
+from conftest import tiny_bert
 
 CLASSES = {"games": "game play arcade", "sound": "audio music sound", "mail": "mail email inbox"}
 FILLER = "tool small fast simple linux program library".split()
@@ -27,15 +36,14 @@ FILLER = "tool small fast simple linux program library".split()
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> Path:
-    """A 2-layer BERT with random weights and a WordPiece tokenizer over a hand-written vocabulary."""
+    """The shared tiny BERT's encoder (2 layers, random weights) saved with a WordPiece tokenizer over a
+    hand-written vocabulary."""
     path = tmp_path_factory.mktemp("tiny-bert")
     words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *FILLER, *" ".join(CLASSES.values()).split()]
     tokenizer = transformers.BertTokenizer(vocab={w: i for i, w in enumerate(words)})
     tokenizer.save_pretrained(path)
-    config = transformers.BertConfig(vocab_size=len(words), hidden_size=32, num_hidden_layers=2,
-                                     num_attention_heads=4, intermediate_size=48, max_position_embeddings=64)
     torch.manual_seed(0)
-    transformers.BertModel(config).save_pretrained(path)
+    tiny_bert(vocab_size=len(words), max_position_embeddings=64).bert.save_pretrained(path)  # the tokenizer's words
     return path
 
 
@@ -259,3 +267,61 @@ def test_inspect_named_config_and_bad_inputs(capsys):
                            (["--config", "bert", "--method", "dora"], "unknown method")):
         code, _, err = run_cli(["inspect", *args], capsys)
         assert code == 2 and err.count("\n") == 1 and expected in err, err
+
+
+def test_every_config_field_is_a_flag_with_its_help_text(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["finetune", "--help"])
+    assert info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for method, cls in lsrfx.METHODS.items():
+        for f in dataclasses.fields(cls):
+            assert f.metadata.get("help"), f"{method} config field {f.name!r} has no metadata['help']"
+            assert " ".join(f.metadata["help"].split()) in text
+            assert ("--rank" if f.name == "r" else "--" + f.name.replace("_", "-")) in text
+
+
+def test_adapter_flags_apply_to_every_chosen_method_with_that_field():
+    args = build_parser().parse_args([
+        "finetune", "--compare", "lora", "lsr", "condlora", "genlora", "-r", "4", "--alpha", "2", "--r1", "1",
+        "--r2", "2", "--separation-rank", "3", "--group-size", "3", "--init", "paper", "--in-factors", "4", "8",
+        "--set", "lsr.out_factors=8,4"])
+    assert method_options(args, args.compare) == {
+        "lora": {"r": 4, "alpha": 2.0},
+        "lsr": {"alpha": 2.0, "r1": 1, "r2": 2, "separation_rank": 3, "init": "paper", "in_factors": (4, 8),
+                "out_factors": (8, 4)},
+        "condlora": {"r": 4, "alpha": 2.0},
+        "genlora": {"r": 4, "alpha": 2.0, "group_size": 3},
+    }
+    assert method_options(build_parser().parse_args(["inspect", "--rank", "5"]), ["lora"]) == {"lora": {"r": 5}}
+    with pytest.raises(lsrfx.LsrfxError, match=r"--group-size does not apply to method\(s\) \['lora'\].*genlora"):
+        method_options(build_parser().parse_args(["finetune", "--group-size", "2"]), ["lora"])
+
+
+@dataclass
+class ToyConfig(LoRAConfig):
+    """A method registered only in this test: LoRA plus one new option."""
+
+    method = "toy"
+    beta: float = option_field(0.5, "a knob only the toy method has")
+
+
+def test_a_registered_method_gets_flags_but_needs_its_own_learning_rate(monkeypatch, tmp_path, capsys):
+    monkeypatch.setitem(lsrfx.METHODS, "toy", ToyConfig)
+    args = build_parser().parse_args(["finetune", "--method", "toy", "--beta", "0.25", "-r", "2"])
+    assert method_options(args, ["toy"]) == {"toy": {"beta": 0.25, "r": 2}}
+    with pytest.raises(SystemExit):
+        main(["finetune", "--help"])
+    assert "a knob only the toy method has [toy: 0.5]" in " ".join(capsys.readouterr().out.split())
+
+    settings = FinetuneSettings(out=tmp_path / "out", methods=["toy"])
+    with pytest.raises(FinetuneError, match=r"method 'toy' has no default adapter learning rate.*pass --lr"):
+        check_settings(settings)  # never LoRA's rate in silence
+    check_settings(dataclasses.replace(settings, lr=1e-3))  # an explicit --lr serves
+
+
+def test_every_method_has_its_own_learning_rate():
+    assert set(lsrfx.METHODS) <= set(defaults.ADAPTER_LR)
+    assert all(defaults.ADAPTER_LR[m] > 0 for m in lsrfx.METHODS)
+    for method in lsrfx.METHODS:
+        assert FinetuneSettings(out=Path("unused")).adapter_lr(method) == defaults.ADAPTER_LR[method]

@@ -7,7 +7,6 @@ import operator
 
 import pytest
 import torch
-import transformers
 from torch import fx, nn
 from torch._dynamo.utils import counters
 
@@ -16,8 +15,8 @@ from lsrfx.parametrization import adapter_parameters
 from lsrfx.passes import fuse_adapted_linears, install, installed, uninstall
 from lsrfx.passes.install import LsrfxFusePass
 
-METHODS = {"lora": dict(r=2), "lsr": dict(r1=2, r2=2, separation_rank=2), "condlora": dict(r=2),
-           "genlora": dict(r=3)}
+from conftest import TINY_OPTIONS, tiny_bert, tiny_gpt2
+
 STEPS = 5
 
 
@@ -31,17 +30,16 @@ def no_inductor_cache():
 
 
 def tiny(kind: str) -> tuple[nn.Module, list[str]]:
+    """The shared tiny encoder (BERT) or decoder (GPT-2) without its head, cut to one layer so that exactly two
+    layers are adapted (the counts below), and the two targets."""
     if kind == "bert":
-        cfg = transformers.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                      intermediate_size=64, vocab_size=100, max_position_embeddings=32)
-        return transformers.BertModel(cfg, add_pooling_layer=False), ["query", "value"]
-    cfg = transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=100, n_positions=32, use_cache=False)
-    return transformers.GPT2Model(cfg), ["c_attn", "mlp.c_fc"]
+        return tiny_bert(num_hidden_layers=1).bert, ["query", "value"]
+    return tiny_gpt2(n_layer=1).transformer, ["c_attn", "mlp.c_fc"]
 
 
 def adapted_tiny(kind: str, method: str) -> nn.Module:
     model, targets = tiny(kind)
-    model = lsrfx.adapt(model.eval(), method=method, targets=targets, **METHODS[method])
+    model = lsrfx.adapt(model.eval(), method=method, targets=targets, **TINY_OPTIONS[method])
     with torch.no_grad():  # random adapters (dW != 0), so gradients and outputs are not trivially equal
         for p in adapter_parameters(model).values():
             p.normal_(0.0, 0.2)
@@ -53,7 +51,7 @@ def output(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("kind", ["bert", "gpt2"])
-@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("method", list(lsrfx.METHODS))
 def test_compiled_equals_eager_fused_and_no_recompiles(no_inductor_cache, kind, method):
     model = adapted_tiny(kind, method)
     params = adapter_parameters(model)
@@ -93,6 +91,8 @@ def capture(model: nn.Module, *args) -> fx.GraphModule:
 
 def test_unadapted_graph_unchanged_and_pass_installed():
     torch._dynamo.reset()
+    uninstall()
+    adapted_tiny("bert", "lora")  # adapt installs the pass (importing lsrfx does not)
     model, _ = tiny("bert")
     gm = capture(model.eval(), torch.randint(0, 100, (2, 5)))
     before = str(gm.graph)
@@ -106,6 +106,7 @@ def test_install_chains_a_user_pass():
     def user_pass(graph: fx.Graph) -> None:
         pass
 
+    install()
     old = torch._inductor.config.pre_grad_custom_pass
     try:
         torch._inductor.config.pre_grad_custom_pass = user_pass
@@ -181,9 +182,10 @@ def test_pass_matches_every_form(form, lsr):
 
 def test_explain_reports_decisions_and_counts():
     model = adapted_tiny("gpt2", "lsr")
-    text = lsrfx.explain(model, torch.randint(0, 100, (2, 5)))
+    text = lsrfx.explain(model, torch.randint(0, 100, (2, 5)), graphs=True)
     assert "fused ops: 2 of 2 adapted node(s)" in text
     assert text.count(": fused -> lsr_linear") == 2
+    assert text.count("[addmm, lsrfx::lsr_linear]: fused") == 2  # Conv1D's addmm, fused op named in full
     assert "--- after the lsrfx pass ---" in text and "FUSED" in text
     assert "=== graph breaks ===" in text
     plain, _ = tiny("bert")
@@ -202,3 +204,139 @@ def test_lsrfx_log_env(monkeypatch, caplog):
     with caplog.at_level(logging.INFO, logger=LOGGER):
         fuse_adapted_linears(gm.graph)
     assert "1 of 1 adapted nodes fused" in caplog.text
+
+
+def test_skipped_node_is_left_unchanged_with_its_reason():
+    """A node the pass can match but not fuse (addmm with beta != 1) is reported as skipped, graph untouched."""
+    x, w0, bias = torch.randn(5, N_IN), torch.randn(N_IN, N_OUT), torch.randn(N_OUT)
+    a, b = torch.randn(R, N_IN), torch.randn(N_OUT, R)
+    gm = fx.symbolic_trace(lambda x, w0, bias, a, b: torch.addmm(bias, x, compose(w0, a, b, 0.5, True), beta=2))
+    before = str(gm.graph)
+    decisions = fuse_adapted_linears(gm.graph, record=False)
+    assert [(d.action, d.reason, d.fused_op) for d in decisions] == [("skipped", "addmm with beta/alpha != 1", "")]
+    assert str(gm.graph) == before
+    gm.recompile()
+    want = 2 * bias + x @ (w0 + 0.5 * (b @ a).t())
+    torch.testing.assert_close(gm(x, w0, bias, a, b), want, atol=1e-5, rtol=1e-5)
+
+
+IMPORT_PROBE = r"""
+import json, logging
+import torch._inductor.config as inductor_config
+import lsrfx.passes
+logger = logging.getLogger("lsrfx.compile")
+at_import = {"pass": repr(inductor_config.pre_grad_custom_pass), "handlers": len(logger.handlers),
+             "level": logger.level}
+lsrfx.passes.install()
+lsrfx.passes.install()
+print(json.dumps({"at_import": at_import, "installed": lsrfx.passes.installed(),
+                  "n_passes": len(inductor_config.pre_grad_custom_pass), "handlers": len(logger.handlers),
+                  "level": logger.level}))
+"""
+
+
+def test_importing_passes_changes_no_config_and_install_applies_lsrfx_log():
+    """LSRFX_LOG is set, yet ``import lsrfx.passes`` neither installs the pass nor touches the logger; install()
+    does both, once."""
+    import json
+    import logging
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "LSRFX_LOG": "1"}
+    proc = subprocess.run([sys.executable, "-c", IMPORT_PROBE], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["at_import"] == {"pass": "None", "handlers": 0, "level": logging.NOTSET}
+    assert result["installed"] and result["n_passes"] == 1
+    assert result["handlers"] == 1 and result["level"] == logging.INFO
+
+
+def test_bogus_fusion_policy_raises_lsrfx_error(monkeypatch):
+    from lsrfx.passes import cost_model
+
+    monkeypatch.setenv("LSRFX_FUSE", "bogus")
+    with pytest.raises(lsrfx.LsrfxError, match="LSRFX_FUSE='bogus'.*auto.*always.*never"):
+        cost_model.policy()
+    gm = fx.symbolic_trace(lambda x, w, a, b: torch.nn.functional.linear(x, compose(w, a, b, 1.0, False)))
+    with pytest.raises(lsrfx.LsrfxError, match="LSRFX_FUSE"):
+        fuse_adapted_linears(gm.graph, record=False)
+    with pytest.raises(lsrfx.LsrfxError, match="LSRFX_FUSE"):
+        LsrfxFusePass().uuid()
+
+
+# --- the cost model --------------------------------------------------------------------------------------------
+
+
+def _decision(tokens: int, d_in: int, d_out: int, rank: int, **kw) -> str:
+    from lsrfx.passes import cost_model
+
+    return cost_model.decide(cost_model.Shape(tokens=tokens, d_in=d_in, d_out=d_out, rank=rank, training=True,
+                                              **kw))[0]
+
+
+@pytest.mark.parametrize("input_grad", [True, False])
+@pytest.mark.parametrize("rank", [1, 4, 8, 32, 128])
+def test_cost_rule_is_monotone_in_tokens_and_width(monkeypatch, rank, input_grad):
+    """Fused below one token count, materialised above it; and a layer that fuses still fuses when wider."""
+    monkeypatch.delenv("LSRFX_FUSE", raising=False)
+    tokens = [2**i for i in range(4, 18)]
+    widths = [16, 32, 64, 128, 256, 384, 768, 1024, 2048, 4096]
+    for d in widths:
+        for d_out in (d, 2 * d, max(8, d // 3)):
+            fused = [_decision(m, d, d_out, rank, input_grad=input_grad) == "fused" for m in tokens]
+            assert fused == sorted(fused, reverse=True), (d, d_out, fused)  # True... then False...
+    for m in tokens:
+        fused = [_decision(m, d, d, rank, input_grad=input_grad) == "fused" for d in widths]
+        assert fused == sorted(fused), (m, fused)  # False... then True...
+
+
+def test_cost_rule_decisions_on_the_benchmark_layers(monkeypatch):
+    """2,048 tokens (batch 16 x 128): every method's default rank fuses at hidden 384 and 1,024, GenLoRA's r = 32
+    included (its fused extra work is about half the dense weight gradient); narrow layers fed many tokens
+    materialise; without a backward, many tokens materialise; LSRFX_FUSE overrides."""
+    from lsrfx.passes import cost_model
+
+    monkeypatch.delenv("LSRFX_FUSE", raising=False)
+    for d in (384, 1024):
+        for r in (4, 8, 32):
+            for input_grad in (True, False):
+                assert _decision(2048, d, d, r, input_grad=input_grad) == "fused", (d, r, input_grad)
+    assert _decision(8192, 64, 64, 8) == "materialised"
+    infer = cost_model.Shape(tokens=8192, d_in=384, d_out=384, rank=8, training=False)
+    assert cost_model.decide(infer)[0] == "materialised"
+    assert cost_model.decide(cost_model.Shape(16, 384, 384, 8, training=False))[0] == "fused"
+    fused, materialised, factors = cost_model.costs(cost_model.Shape(2048, 384, 384, 8, True, factor_flops=1e6))
+    assert factors > 0 and fused < materialised  # the factor cost is in both times
+    monkeypatch.setenv("LSRFX_FUSE", "never")
+    assert _decision(16, 384, 384, 8) == "materialised"
+    monkeypatch.setenv("LSRFX_FUSE", "always")
+    assert _decision(8192, 64, 64, 8) == "fused"
+
+
+@pytest.mark.parametrize("d", [8, 2048])
+def test_small_factor_products_become_reductions(d):
+    """CondLoRA-style factors (``C_A @ W0.T``, ``W0 @ C_B.T``) are rewritten as broadcast-product reductions when
+    small (Inductor fuses those into existing kernels) and left as matmuls when large; the result is the same."""
+    r = 4  # 2 r d^2 flops per product: ~500 at d = 8, ~3e7 at d = 2048 (above cost_model.SMALL_PRODUCT_FLOPS)
+    x, w0, bias = torch.randn(3, d), torch.randn(d, d) / d**0.5, torch.randn(d)
+    ca, cb = torch.randn(r, d) / d**0.5, torch.randn(r, d) / d**0.5
+
+    def f(x, w0, bias, ca, cb):
+        return torch.nn.functional.linear(x, compose(w0, ca @ w0.t(), w0 @ cb.t(), 0.5, False), bias)
+
+    gm = fx.symbolic_trace(f)
+    want = f(x, w0, bias, ca, cb)
+    with torch._subclasses.FakeTensorMode(allow_non_fake_inputs=True) as mode:  # meta values, as Dynamo's graph has
+        from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+        FakeTensorProp(gm, mode).propagate(x, w0, bias, ca, cb)
+    decisions = fuse_adapted_linears(gm.graph, record=False)
+    gm.recompile()
+    small = d == 8
+    assert [d_.action for d_ in decisions] == ["fused"]
+    assert ("generated as reductions" in decisions[0].reason) == small
+    matmuls = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is operator.matmul]
+    assert len(matmuls) == (0 if small else 2)
+    torch.testing.assert_close(gm(x, w0, bias, ca, cb), want, atol=1e-3, rtol=1e-4)

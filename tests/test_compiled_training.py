@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import torch
-from transformers import BertConfig, BertForSequenceClassification
 
 import lsrfx
 
+from conftest import tiny_bert
+
 
 def test_adapt_compiled_bert_trains_only_adapters() -> None:
-    config = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=48, max_position_embeddings=32, num_labels=2,
-                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-                        problem_type="single_label_classification")
-    model = BertForSequenceClassification(config)
+    model = tiny_bert(num_labels=2).train()  # two labels: the rule below is a parity
     compiled = lsrfx.adapt(torch.compile(model), method="lsr", trainable=("classifier",))
     assert isinstance(compiled, torch._dynamo.eval_frame.OptimizedModule) and compiled._orig_mod is model
 

@@ -14,24 +14,19 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-import transformers as tf
 from torch import nn
 
 import lsrfx
 from lsrfx.api import adapt_state
 from lsrfx.parametrization import adapted_layers, adapter_parameters
 
-
-def tiny_bert() -> tf.BertModel:
-    cfg = tf.BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                        intermediate_size=32, max_position_embeddings=32, initializer_range=0.5)
-    return tf.BertModel(cfg).eval()
+from conftest import tiny_bert, tiny_gpt2
 
 
 def randomize_adapters(model: nn.Module) -> None:
     """Non-zero adapters (fresh ones start at dW = 0, which would hide a missing adapter)."""
     with torch.no_grad():
-        for p in adapter_parameters(lsrfx.api.unwrap(model)).values():
+        for p in adapter_parameters(lsrfx.utils.unwrap(model)).values():
             p.normal_(0.0, 0.5)
 
 
@@ -56,7 +51,7 @@ def op_types(path) -> Counter:
 
 
 def test_merged_export_is_the_base_graph_and_matches_pytorch(tmp_path) -> None:
-    base = tiny_bert()
+    base = tiny_bert().bert  # the encoder: last_hidden_state and pooler_output
     model = lsrfx.adapt(copy.deepcopy(base), method="lsr", r1=1, r2=2, separation_rank=2,
                         targets=["query", "value", "intermediate.dense"])
     randomize_adapters(model)
@@ -83,9 +78,7 @@ def test_merged_export_is_the_base_graph_and_matches_pytorch(tmp_path) -> None:
 
 def test_unmerged_export_keeps_adapter_tensors_separate(tmp_path) -> None:
     # GPT-2: Conv1D weights are stored (in, out), so this covers the transposed compose and LSR's kron_sum.
-    cfg = tf.GPT2Config(vocab_size=64, n_embd=16, n_layer=1, n_head=2, n_positions=32, initializer_range=0.5,
-                        use_cache=False)
-    model = lsrfx.adapt(tf.GPT2LMHeadModel(cfg).eval(), method="lsr", r1=2, r2=1, separation_rank=3)
+    model = lsrfx.adapt(tiny_gpt2(), method="lsr", r1=2, r2=1, separation_rank=3)
     randomize_adapters(model)
     ids = torch.randint(0, 64, (2, 6))
 

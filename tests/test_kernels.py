@@ -1,7 +1,7 @@
 """Triton kernels (forward and backward) against dense torch math, under TRITON_INTERPRET=1 on CPU tensors.
 
 The references here are written out densely (``x @ (W0 + s*B@A).T + bias`` in float64, Kronecker sums with
-``torch.kron``, gradients from autograd), independent of ``lsrfx.kernels.reference``.
+``torch.kron``, gradients from autograd), independent of the ops' own torch reference bodies.
 """
 
 from __future__ import annotations
@@ -13,8 +13,11 @@ import torch
 
 triton = pytest.importorskip("triton", reason="triton is not installed: the Triton kernels cannot be checked")
 
-from lsrfx.kernels import triton_lowrank as tk  # noqa: E402
+from lsrfx.errors import LsrfxError  # noqa: E402
+from lsrfx.kernels import dispatch, tile_configs  # noqa: E402
+from lsrfx.kernels import triton_matmul as tk  # noqa: E402
 from lsrfx.kernels.dispatch import force_triton  # noqa: E402
+from lsrfx.kernels.kernel_choice import KernelChooser  # noqa: E402
 
 pytestmark = pytest.mark.skipif(
     os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1 (set by conftest) to run on CPU"
@@ -63,7 +66,7 @@ def test_lowrank_forward_and_backward(dtype, transposed, shape_x):
     gx_ref, ga_ref, gb_ref = torch.autograd.grad(yd, (xd, ad, bd), g)
     gx, u = tk.grad_input(g.to(dtype), w, a, b, scale, transposed)
     torch.testing.assert_close(gx.double(), gx_ref, **TOL[dtype])
-    torch.testing.assert_close(u.double(), g.to(dtype).double().reshape(-1, n) @ b.double(), **TOL[torch.float32])
+    torch.testing.assert_close(u.double(), g.to(dtype).double().reshape(-1, n) @ b.double(), **TOL[dtype])
     for reuse in (u, None):
         ga, gb = tk.grad_factors(g.to(dtype), x, a, b, reuse, scale)
         assert ga.dtype == a.dtype and gb.dtype == b.dtype
@@ -114,10 +117,305 @@ def test_ops_triton_branch_with_autograd(method):
     for forced in (True, False):
         with force_triton() if forced else torch.autograd.set_grad_enabled(True):
             if method == "lsr":
-                y = torch.ops.lsrfx.lsr_linear(x, w, bias, *factors, 0.5, False)
+                y, v, a_out, b_out = torch.ops.lsrfx.lsr_linear(x, w, bias, *factors, 0.5, False)
+                torch.testing.assert_close(a_out, a, atol=1e-5, rtol=1e-5)  # the dense factors, saved for backward
+                torch.testing.assert_close(b_out, b, atol=1e-5, rtol=1e-5)
             else:
-                y = torch.ops.lsrfx.lowrank_linear(x, w, bias, a, b, 0.5, False)
+                y, v = torch.ops.lsrfx.lowrank_linear(x, w, bias, a, b, 0.5, False)
+            assert not v.requires_grad  # x @ A.T: saved for the backward, not differentiable
+            torch.testing.assert_close(v, x @ a.t(), atol=1e-4, rtol=1e-4)
             grads = torch.autograd.grad(y, leaves, g)
         torch.testing.assert_close(y, ref, atol=1e-4, rtol=1e-4)
         for got, want in zip(grads, grads_ref, strict=True):
             torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+# ---- every autotune config (the CUDA autotuner may pick any of them, so each must be right) -------------------
+
+FUSED_CASES = [(dtype, config) for dtype in (torch.float32, torch.float16) for config in tile_configs.fused_configs(dtype)]
+REDUCTION_CASES = [
+    (dtype, config) for dtype in (torch.float32, torch.float16) for config in tile_configs.reduction_configs(dtype)
+]
+
+
+@pytest.mark.parametrize("two_pass", [False, True], ids=["one-pass", "two-pass"])
+@pytest.mark.parametrize(("dtype", "config"), FUSED_CASES, ids=[f"{d}-{c.name}".replace("torch.", "") for d, c in FUSED_CASES])
+def test_fused_kernel_every_config(dtype, config, two_pass):
+    """Forward and input gradient, both layouts, 3-D input, odd sizes spanning several (grouped) tiles of the
+    smaller configs and fewer rows than one tile of the larger ones."""
+    k, n, r, scale = 70, 140, 5, 0.7
+    for transposed in (False, True):
+        x, w, bias, a, b = make((3, 50), k, n, r, dtype, transposed)
+        y = tk.lowrank_forward(x, w, bias, a, b, scale, transposed, config=config, two_pass=two_pass)
+        assert y.shape == (3, 50, n) and y.dtype == dtype
+        torch.testing.assert_close(y.double(), dense_forward(x, w, bias, a, b, scale, transposed), **TOL[dtype])
+        g = torch.randn(3, 50, n, dtype=dtype)
+        gx, u = tk.grad_input(g, w, a, b, scale, transposed, config=config, two_pass=two_pass)
+        w_nk = (w.t() if transposed else w).double()
+        gx_ref = g.double() @ (w_nk + scale * b.double() @ a.double())
+        torch.testing.assert_close(gx.double(), gx_ref, **TOL[dtype])
+        torch.testing.assert_close(u.double(), g.double().reshape(-1, n) @ b.double(), **TOL[dtype])
+
+
+@pytest.mark.parametrize("split", [1, 3])
+@pytest.mark.parametrize(
+    ("dtype", "config"), REDUCTION_CASES, ids=[f"{d}-{c.name}".replace("torch.", "") for d, c in REDUCTION_CASES]
+)
+def test_reduction_kernel_every_config(dtype, config, split):
+    """``scale * L.T @ R`` with the rank on either side, mixed fp32/half operands, split over token chunks."""
+    lhs, rhs = torch.randn(300, 7, dtype=dtype), torch.randn(300, 41)
+    for left, right in ((lhs, rhs), (rhs, lhs)):
+        got = tk.tn_matmul(left, right, 2.0, torch.float32, config=config, split=split)
+        torch.testing.assert_close(got.double(), 2.0 * left.double().t() @ right.double(), **TOL[dtype])
+    # the factor gradients, which chain four reductions, against autograd of the dense formula
+    x, w, _, a, b = make((2, 40), 33, 26, 4, dtype, False, bias=False)
+    ad, bd = a.double().requires_grad_(), b.double().requires_grad_()
+    y = dense_forward(x, w, None, ad, bd, 0.5, False)
+    g = torch.randn_like(y)
+    ga_ref, gb_ref = torch.autograd.grad(y, (ad, bd), g)
+    ga, gb = tk.grad_factors(g.to(dtype), x, a, b, None, 0.5, config=config, split=split)
+    torch.testing.assert_close(ga.double(), ga_ref, **TOL[dtype])
+    torch.testing.assert_close(gb.double(), gb_ref, **TOL[dtype])
+
+
+@pytest.mark.parametrize("two_pass", [False, True], ids=["one-pass", "two-pass"])
+def test_lsr_forward_both_passes(two_pass):
+    a1, a2, b1, b2 = torch.randn(4, 2, 5), torch.randn(4, 3, 6), torch.randn(4, 7, 2), torch.randn(4, 4, 3)
+    x = torch.randn(2, 9, 30)
+    w = torch.randn(28, 30) / 30**0.5
+    y = tk.lsr_forward(x, w, None, a1, a2, b1, b2, 0.3, False, two_pass=two_pass)
+    ref = dense_forward(x, w, None, dense_kron_sum(a1, a2), dense_kron_sum(b1, b2), 0.3, False)
+    torch.testing.assert_close(y.double(), ref, **TOL[torch.float32])
+
+
+def test_kron_expand_matches_torch_kron():
+    f1, f2 = torch.randn(3, 4, 5), torch.randn(3, 6, 2).transpose(1, 2)  # a strided second factor
+    torch.testing.assert_close(tk.kron_expand(f1, f2), dense_kron_sum(f1, f2.contiguous()), atol=1e-5, rtol=1e-5)
+
+
+def test_no_tokens_gives_empty_outputs():
+    x, w, bias, a, b = make((0,), 12, 10, 3, torch.float32, False)
+    assert tk.lowrank_forward(x, w, bias, a, b, 1.0, False).shape == (0, 10)
+    gx, u = tk.grad_input(torch.zeros(0, 10), w, a, b, 1.0, False)
+    assert gx.shape == (0, 12) and u.shape == (0, 3)
+    ga, gb = tk.grad_factors(torch.zeros(0, 10), x, a, b, None, 1.0)
+    assert torch.equal(ga, torch.zeros_like(a)) and torch.equal(gb, torch.zeros_like(b))
+
+
+def test_fp32_uses_tf32_only_when_torch_allows_it():
+    previous = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        assert tk.dot_precision(torch.float32) == "ieee"
+        torch.backends.cuda.matmul.allow_tf32 = True
+        assert tk.dot_precision(torch.float32) == "tf32"
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+
+
+# ---- tile configs: the shape key and the deterministic pick ---------------------------------------------------
+
+
+def test_tile_config_helpers():
+    assert [tile_configs.token_bucket(t) for t in (1, 16, 17, 1000, 10**9)] == [1, 16, 32, 1024, 1 << 16]
+    assert [tile_configs.block_r(r) for r in (1, 8, 16, 17, 64)] == [16, 16, 16, 32, 64]
+    half = tile_configs.fused_configs(torch.bfloat16)
+    assert tile_configs.pick_fused(half, 8192, 4096) == half[0]  # a big problem gets the biggest tile
+    assert tile_configs.pick_fused(half, 37, 29) == half[-1]  # a tiny one the smallest
+    assert tile_configs.pick_fused(half, 100, 300).block_m == 64
+    assert tile_configs.fused_configs(torch.float32) is not half
+    with pytest.raises(LsrfxError, match="fp32, fp16 or bf16"):
+        tile_configs.fused_configs(torch.float64)
+    # split-K: about two programs per processor, at least 256 tokens each, never for a full GPU
+    assert tile_configs.reduction_splits(tiles=4, tokens=8192, processors=132) == 32
+    assert tile_configs.reduction_splits(tiles=4, tokens=1024, processors=132) == 4
+    assert tile_configs.reduction_splits(tiles=200, tokens=8192, processors=132) == 1
+    assert tile_configs.reduction_splits(tiles=4, tokens=100, processors=132) == 1
+
+
+# ---- the measured choice (LSRFX_KERNEL=auto), with a fake timer -----------------------------------------------
+
+
+class FakeTimer:
+    """Runs the timed function once and returns the scripted seconds of whichever body it called."""
+
+    def __init__(self, triton: float, reference: float) -> None:
+        self.seconds = {"triton": triton, "reference": reference}
+        self.timed: list[str] = []
+        self.arguments: list[tuple] = []
+
+    def bodies(self):
+        def run(name, fn):
+            def body(*args):
+                self.timed.append(name)
+                self.arguments.append(args)
+                return fn(*args)
+            return body
+
+        reference = lambda x, w, bias, a, b, s, t: dense_forward(x, w, bias, a, b, s, t).to(x.dtype)  # noqa: E731
+        return run("triton", tk.lowrank_forward), run("reference", reference)
+
+    def __call__(self, fn) -> float:
+        count = len(self.timed)
+        fn()
+        return self.seconds[self.timed[count]]
+
+
+def lowrank_args(tokens: int, dtype=torch.float32):
+    x, w, bias, a, b = make((tokens,), 24, 20, 4, dtype, False)
+    return (x, w, bias, a, b, 0.5, False)
+
+
+@pytest.mark.parametrize(("triton_s", "reference_s", "winner"), [(1e-3, 2e-3, True), (3e-3, 2e-3, False)])
+def test_choice_keeps_the_faster_body_per_bucket(monkeypatch, triton_s, reference_s, winner):
+    monkeypatch.delenv("LSRFX_KERNEL", raising=False)
+    timer = FakeTimer(triton_s, reference_s)
+    chooser = KernelChooser(timer)
+    triton_body, reference_body = timer.bodies()
+    assert chooser.choose("lowrank", lowrank_args(40), triton_body, reference_body) is winner
+    assert timer.timed == ["triton", "reference"]
+    # same bucket (33..64 tokens): cached, nothing re-timed
+    assert chooser.choose("lowrank", lowrank_args(60), triton_body, reference_body) is winner
+    assert len(timer.timed) == 2
+    # a new bucket, a new dtype or a new op is timed again
+    chooser.choose("lowrank", lowrank_args(70), triton_body, reference_body)
+    chooser.choose("lowrank", lowrank_args(40, torch.float16), triton_body, reference_body)
+    chooser.choose("other_op", lowrank_args(40), triton_body, reference_body)
+    assert len(timer.timed) == 8 and len(chooser.choices) == 4
+
+
+def test_choice_under_fake_tensors_times_real_tensors_of_the_same_layout(monkeypatch):
+    """What ``torch.compile`` tracing looks like to the op body: fake tensors; the timing must use real ones."""
+    from torch._subclasses.fake_tensor import FakeTensorMode, is_fake
+
+    monkeypatch.delenv("LSRFX_KERNEL", raising=False)
+    timer = FakeTimer(1e-3, 2e-3)
+    chooser = KernelChooser(timer)
+    triton_body, reference_body = timer.bodies()
+    args = lowrank_args(40)
+    args = (args[0], args[1].t().contiguous().t(), *args[2:])  # a column-major weight
+    with FakeTensorMode() as mode:
+        fake = tuple(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args)
+        assert chooser.choose("lowrank", fake, triton_body, reference_body) is True
+    for timed in timer.arguments:
+        for got, want in zip(timed, args, strict=True):
+            if isinstance(want, torch.Tensor):
+                assert not is_fake(got)
+                assert (got.shape, got.stride(), got.dtype) == (want.shape, want.stride(), want.dtype)
+
+
+def test_lsrfx_kernel_overrides_the_measurement(monkeypatch):
+    timer = FakeTimer(1e-3, 2e-3)
+    chooser = KernelChooser(timer)
+    triton_body, reference_body = timer.bodies()
+    monkeypatch.setenv("LSRFX_KERNEL", "reference")
+    assert chooser.choose("lowrank", lowrank_args(40), triton_body, reference_body) is False
+    monkeypatch.setenv("LSRFX_KERNEL", "triton")
+    assert chooser.choose("lowrank", lowrank_args(40), triton_body, reference_body) is True
+    assert timer.timed == []
+    monkeypatch.setenv("LSRFX_KERNEL", "cublas")
+    with pytest.raises(LsrfxError, match="LSRFX_KERNEL='cublas'"):
+        chooser.choose("lowrank", lowrank_args(40), triton_body, reference_body)
+
+
+def test_dispatch_choose_asks_the_chooser_only_when_triton_can_run(monkeypatch):
+    monkeypatch.delenv("LSRFX_KERNEL", raising=False)
+    timer = FakeTimer(3e-3, 2e-3)
+    triton_body, reference_body = timer.bodies()
+    args = lowrank_args(40)
+    assert dispatch.choose("lowrank", args, triton_body, reference_body) is False  # CPU, not forced
+    with force_triton():
+        assert dispatch.choose("lowrank", args, triton_body, reference_body) is True  # forced, untimed
+    with force_triton(KernelChooser(timer)):
+        assert dispatch.choose("lowrank", args, triton_body, reference_body) is False  # timed: reference faster
+    assert timer.timed == ["triton", "reference"]
+
+
+# --- the torch reference bodies (what Inductor compiles off CUDA), against dense math and autograd ------------
+
+
+def test_kron_sum_and_its_gradient_match_torch_kron():
+    from lsrfx.kernels.kron_sum import kron_sum_grads, kron_sum_reference
+
+    p = torch.randn(3, 2, 5, dtype=torch.float64, requires_grad=True)
+    q = torch.randn(3, 4, 3, dtype=torch.float64, requires_grad=True)
+    dense = dense_kron_sum(p, q)
+    torch.testing.assert_close(kron_sum_reference(p, q), dense)
+    g = torch.randn_like(dense)
+    want = torch.autograd.grad(dense, (p, q), g)
+    got = kron_sum_grads(g, p.detach(), q.detach())
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b)
+    assert kron_sum_grads(g, p, q, need_p=False)[0] is None and kron_sum_grads(g, p, q, need_q=False)[1] is None
+    torch.testing.assert_close(torch.autograd.grad(torch.ops.lsrfx.kron_sum(p, q), (p, q), g), want)  # the op
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("base_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("x_grad", [True, False], ids=["x-grad", "no-x-grad"])
+def test_reference_ops_match_dense_autograd(transposed, base_dtype, x_grad):
+    """The reference path (saved ``v``, scale folded into ``addmm``) gives the dense formula's output and the
+    gradients autograd computes for it, for both layouts, fp32 factors on a bf16 base, with or without grad_x."""
+    k, n, r, scale = 12, 10, 3, 0.7
+    x = torch.randn(2, 5, k).to(base_dtype).requires_grad_(x_grad)
+    w = (torch.randn(n, k) / k**0.5).to(base_dtype)
+    w = w.t().contiguous() if transposed else w
+    bias = torch.randn(n).to(base_dtype).requires_grad_()
+    a, b = torch.randn(r, k, requires_grad=True), torch.randn(n, r, requires_grad=True)
+    leaves = [t for t in (x, bias, a, b) if t.requires_grad]
+
+    y, v = torch.ops.lsrfx.lowrank_linear(x, w, bias, a, b, scale, transposed)
+    g = torch.randn_like(y)
+    grads = torch.autograd.grad(y, leaves, g)
+    # dense reference in float64: x @ (W + s B A).T + bias
+    w_nk = (w.t() if transposed else w).double()
+    d_leaves = [t.detach().double().requires_grad_() for t in leaves]
+    dx, dbias, da, db = ([d_leaves.pop(0)] if x_grad else [x.double()]) + d_leaves
+    ref = dx @ (w_nk + scale * db @ da).t() + dbias
+    want = torch.autograd.grad(ref, [t for t in (dx, dbias, da, db) if t.requires_grad], g.double())
+    tol = TOL[torch.float32] if base_dtype == torch.float32 else dict(atol=5e-2, rtol=5e-2)
+    assert y.dtype == base_dtype and v.dtype == a.dtype and v.shape == (2, 5, r)
+    torch.testing.assert_close(y.double(), ref, **tol)
+    for got, exp in zip(grads, want, strict=True):
+        torch.testing.assert_close(got.double(), exp, **tol)
+
+
+def test_lsr_linear_reference_matches_dense_autograd():
+    """``lsr_linear`` returns the dense ``A``, ``B`` it formed and ``v``; its factor gradients are autograd's."""
+    factors = [torch.randn(2, 2, 3), torch.randn(2, 2, 4), torch.randn(2, 5, 2), torch.randn(2, 2, 2)]
+    factors = [f.double().requires_grad_() for f in factors]
+    x, w, bias = torch.randn(7, 12, dtype=torch.float64), torch.randn(10, 12, dtype=torch.float64), None
+    y, v, a, b = torch.ops.lsrfx.lsr_linear(x, w, bias, *factors, 0.5, False)
+    a_ref, b_ref = dense_kron_sum(*factors[:2]), dense_kron_sum(*factors[2:])
+    ref = x @ (w + 0.5 * b_ref @ a_ref).t()
+    torch.testing.assert_close(y, ref)
+    torch.testing.assert_close(v, x @ a_ref.t())
+    assert not (v.requires_grad or a.requires_grad or b.requires_grad)
+    g = torch.randn_like(ref)
+    for got, want in zip(torch.autograd.grad(y, factors, g), torch.autograd.grad(ref, factors, g), strict=True):
+        torch.testing.assert_close(got, want)
+
+
+def test_compiled_fused_layer_launches():
+    """One compiled fused layer, forward + backward with the input gradient: exactly the eight BLAS calls of the
+    factored form (``x @ W.T``, ``x @ A.T``, ``v @ B.T``; ``grad @ W``, ``grad @ B``, ``u @ A``, ``u.T @ x``,
+    ``grad.T @ v``: the backward does not recompute ``x @ A.T``), and the scale costs no kernel of its own (the
+    one generated kernel is the forward's adapter add)."""
+    import collections
+
+    torch._dynamo.reset()
+    k, n, r = 32, 24, 4
+    x = torch.randn(64, k, requires_grad=True)
+    w, bias = torch.randn(n, k), torch.randn(n)
+    a, b = torch.randn(r, k, requires_grad=True), torch.randn(n, r, requires_grad=True)
+    g = torch.randn(64, n)
+    with torch._inductor.config.patch({"cpp.enable_kernel_profile": True, "fx_graph_cache": False}):
+        f = torch.compile(lambda x, a, b: torch.ops.lsrfx.lowrank_linear(x, w, bias, a, b, 0.5, False)[0])
+        for _ in range(2):
+            f(x, a, b).backward(g)
+        with torch.profiler.profile() as prof:
+            f(x, a, b).backward(g)
+    names = collections.Counter(e.name for e in prof.events())
+    assert names["aten::mm"] + names["aten::addmm"] == 8, names
+    assert sum(c for name, c in names.items() if "cpp_fused" in name) == 1, names
+    torch._dynamo.reset()

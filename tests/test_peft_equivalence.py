@@ -6,17 +6,15 @@ import copy
 
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import BertConfig, BertForSequenceClassification
 
 import lsrfx
 from lsrfx.parametrization import adapted_layers
 
+from conftest import tiny_bert
+
 
 def test_lora_matches_peft_outputs_and_gradients() -> None:
-    config = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=48, max_position_embeddings=32, num_labels=3,
-                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    base = BertForSequenceClassification(config).eval()
+    base = tiny_bert()
     ours = lsrfx.adapt(copy.deepcopy(base), method="lora", targets=["query", "value"], r=4, alpha=8)
     theirs = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
                                                              target_modules=["query", "value"]))

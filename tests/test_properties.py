@@ -37,6 +37,8 @@ import lsrfx
 from lsrfx.errors import LsrfxError
 from lsrfx.parametrization import adapted_layers
 
+from conftest import TINY_OPTIONS, tiny_mlp
+
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 SWEEP = settings(
     max_examples=40,
@@ -246,7 +248,7 @@ def sweep(method: str, data: st.DataObject) -> None:
             torch.testing.assert_close(block["proj"](x), y, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("method", ["lora", "lsr", "condlora", "genlora"])
+@pytest.mark.parametrize("method", list(lsrfx.METHODS))
 @SWEEP
 @given(data=st.data())
 def test_sweep_matches_dense_reference(method: str, data: st.DataObject) -> None:
@@ -254,13 +256,12 @@ def test_sweep_matches_dense_reference(method: str, data: st.DataObject) -> None
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("method", ["lora", "lsr", "condlora", "genlora"])
+@pytest.mark.parametrize("method", list(lsrfx.METHODS))
 def test_tolerance_catches_wrong_updates(method: str, dtype: torch.dtype) -> None:
     """The sweep's tolerance has power at every dtype: a dropped, transposed or 20 %-off update fails it."""
     torch.manual_seed(0)
     model = Blocks(1, "linear", 12, 12).to(dtype)
-    opts = {"lsr": {"r1": 2, "r2": 2, "separation_rank": 2}}.get(method, {"r": 3})
-    lsrfx.adapt(model, method=method, targets=["proj"], **opts)
+    lsrfx.adapt(model, method=method, targets=["proj"], **TINY_OPTIONS[method])
     randomise(model, torch.Generator().manual_seed(0))
     layer = model.blocks[0]["proj"]
     w0 = dense_w0(layer).double()
@@ -284,31 +285,22 @@ def test_feasibility_rule_is_not_trivial() -> None:
 # ---------------------------------------------------------------- non-finite inputs and weights
 
 
-def tiny(dtype: torch.dtype = torch.float32) -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(12, 8), nn.Tanh(), nn.Linear(8, 6)).to(dtype)
-
-
-OPTS = {"lora": {"r": 2}, "lsr": {"r1": 2, "r2": 1, "separation_rank": 2}, "condlora": {"r": 2},
-        "genlora": {"r": 2}}
-
-
-@pytest.mark.parametrize("method", list(OPTS))
+@pytest.mark.parametrize("method", list(lsrfx.METHODS))
 @pytest.mark.parametrize("bad", [math.nan, math.inf])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_adapt_refuses_nonfinite_base_weight(method: str, bad: float, dtype: torch.dtype) -> None:
-    model = tiny(dtype)
+    model = tiny_mlp().to(dtype)
     with torch.no_grad():
         model[2].weight[1, 3] = bad
-    with pytest.raises(LsrfxError, match=r"layer '2' \(weight 6 x 8.*1 non-finite base weight"):
-        lsrfx.adapt(model, method=method, targets=["0", "2"], **OPTS[method])
+    with pytest.raises(LsrfxError, match=r"layer '2' \(weight 8 x 10.*1 non-finite base weight"):
+        lsrfx.adapt(model, method=method, targets=["0", "2"], **TINY_OPTIONS[method])
     assert not any(parametrize.is_parametrized(m) for m in model.modules())
     assert all(p.requires_grad for p in model.parameters())
 
 
 def test_adapt_refuses_fp16_overflow() -> None:
     """A weight that overflows when cast to fp16 becomes inf: reported at adapt, not trained on."""
-    model = tiny()
+    model = tiny_mlp()
     with torch.no_grad():
         model[0].weight[0, 0] = 1e5
     model = model.half()
@@ -316,12 +308,12 @@ def test_adapt_refuses_fp16_overflow() -> None:
         lsrfx.adapt(model, method="lora", targets=["0"], r=2)
 
 
-@pytest.mark.parametrize("method, compiled", [*((m, False) for m in OPTS), ("lsr", True), ("lora", True)])
+@pytest.mark.parametrize("method, compiled", [*((m, False) for m in lsrfx.METHODS), ("lsr", True), ("lora", True)])
 def test_nonfinite_inputs_propagate(method: str, compiled: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     """Eager, and through torch.compile with the lsrfx pass forced to fuse the adapted linear."""
     monkeypatch.setenv("LSRFX_FUSE", "always")
-    model = tiny()
-    lsrfx.adapt(model, method=method, targets=["0", "2"], **OPTS[method])
+    model = tiny_mlp()
+    lsrfx.adapt(model, method=method, targets=["0", "2"], **TINY_OPTIONS[method])
     randomise(model, torch.Generator().manual_seed(1))
     x = torch.randn(5, 12)
     clean = model(x).detach()
@@ -333,7 +325,7 @@ def test_nonfinite_inputs_propagate(method: str, compiled: bool, monkeypatch: py
     assert torch.isnan(y[1]).all(), "a NaN input must poison its row's outputs"
     assert not torch.isfinite(hidden[3]).any(), "an inf input must not be masked by the adapted layer"
     if compiled:
-        assert f"lsrfx.{'lsr' if method == 'lsr' else 'lowrank'}_linear" in lsrfx.explain(model[0], x)
+        assert f"lsrfx.{'lsr' if method == 'lsr' else 'lowrank'}_linear" in lsrfx.explain(model[0], x, graphs=True)
     tol = 1e-5 if compiled else 0.0
     torch.testing.assert_close(y[[0, 2, 4]], clean[[0, 2, 4]], rtol=tol, atol=tol)
     y.sum().backward()
@@ -341,10 +333,10 @@ def test_nonfinite_inputs_propagate(method: str, compiled: bool, monkeypatch: py
     assert any(g is not None and torch.isnan(g).any() for g in grads), "NaN inputs must reach adapter grads"
 
 
-@pytest.mark.parametrize("method", list(OPTS))
+@pytest.mark.parametrize("method", list(lsrfx.METHODS))
 def test_merge_refuses_diverged_adapter(method: str) -> None:
-    model = tiny()
-    lsrfx.adapt(model, method=method, targets=["0", "2"], **OPTS[method])
+    model = tiny_mlp()
+    lsrfx.adapt(model, method=method, targets=["0", "2"], **TINY_OPTIONS[method])
     randomise(model, torch.Generator().manual_seed(2))
     param = next(iter(model[2].parametrizations["weight"][0].adapter.parameters()))
     with torch.no_grad():
@@ -356,18 +348,18 @@ def test_merge_refuses_diverged_adapter(method: str) -> None:
 
 
 def test_merge_refuses_corrupted_base_and_fp16_overflow() -> None:
-    model = tiny()
+    model = tiny_mlp()
     lsrfx.adapt(model, method="lora", targets=["0", "2"], r=2)
     with torch.no_grad():
         model[0].parametrizations["weight"].original[0, 0] = math.inf  # e.g. a bad base checkpoint loaded later
     with pytest.raises(LsrfxError, match=r"'0' \(1 entries, from the base weight\)"):
         lsrfx.merge(model)
 
-    model = tiny(torch.float16)
+    model = tiny_mlp().half()
     lsrfx.adapt(model, method="lora", targets=["2"], r=2)
     with torch.no_grad():  # fp32 masters are fine; their delta overflows fp16 when composed
         model[2].parametrizations["weight"][0].adapter.lora_B.fill_(1e3)
         model[2].parametrizations["weight"][0].adapter.lora_A.fill_(1e3)
     assert not torch.isfinite(model[2].weight).all()
-    with pytest.raises(LsrfxError, match=r"'2' \(48 entries, from the adapter update\).*overflows"):
+    with pytest.raises(LsrfxError, match=r"'2' \(80 entries, from the adapter update\).*overflows"):  # all 8 x 10
         lsrfx.merge(model)

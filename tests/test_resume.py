@@ -23,42 +23,21 @@ from torch import nn
 import lsrfx
 from lsrfx.parametrization import adapter_parameters
 
-STEPS, STOP_AT, D, SEQ, CLASSES = 6, 3, 24, 5, 3
-OPTIONS = {"lora": {"r": 4}, "lsr": {"r1": 2, "r2": 2, "separation_rank": 2}, "condlora": {"r": 4},
-           "genlora": {"r": 4}}
+from conftest import TINY_OPTIONS, TOY_CLASSES, TOY_WIDTH, ToyNet
+
+STEPS, STOP_AT, SEQ = 6, 3, 5
 
 
-class Block(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.query, self.value = nn.Linear(D, D), nn.Linear(D, D)
-        self.drop = nn.Dropout(0.2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.drop(torch.tanh(self.query(x)) * self.value(x))
-
-
-class Net(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.blocks = nn.ModuleList([Block(), Block()])
-        self.head = nn.Linear(D, CLASSES)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for block in self.blocks:
-            x = block(x)
-        return self.head(x.mean(1))
-
-
-def base_model() -> Net:
-    """The 'pretrained' base: the same weights in every process."""
+def base_model() -> ToyNet:
+    """The 'pretrained' base: the same weights in every process. With dropout, so that the forward draws random
+    numbers and the RNG state is part of what a resume must restore."""
     torch.manual_seed(0)
-    return Net()
+    return ToyNet(dropout=0.2)
 
 
-def adapted(method: str) -> Net:
+def adapted(method: str) -> ToyNet:
     model = base_model()
-    lsrfx.adapt(model, method=method, targets=["query", "value"], trainable=("head",), **OPTIONS[method])
+    lsrfx.adapt(model, method=method, targets=["query", "value"], trainable=("head",), **TINY_OPTIONS[method])
     return model
 
 
@@ -82,7 +61,7 @@ def run_steps(model: nn.Module, opt, sched, start: int, stop: int) -> None:
     model.train()
     for step in range(start, stop):
         g = torch.Generator().manual_seed(100 + step)  # the data of step `step`, wherever it runs
-        x, y = torch.randn(6, SEQ, D, generator=g), torch.randint(0, CLASSES, (6,), generator=g)
+        x, y = torch.randn(6, SEQ, TOY_WIDTH, generator=g), torch.randint(0, TOY_CLASSES, (6,), generator=g)
         loss = nn.functional.cross_entropy(model(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -133,14 +112,14 @@ def resume(directory: Path, restore_optimizer: bool = True, restore_rng: bool = 
 
 def resume_in_this_process_and_save(root: Path) -> None:
     """Entry point of the fresh process: resume every method's checkpoint, save the final tensors."""
-    for method in OPTIONS:
+    for method in lsrfx.METHODS:
         torch.save(resume(root / method), root / method / "final.pt")
 
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("resume")
-    for method in OPTIONS:
+    for method in lsrfx.METHODS:
         (root / method).mkdir()
         first_half(method, root / method)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parent.parent),
@@ -151,7 +130,7 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-@pytest.mark.parametrize("method", list(OPTIONS))
+@pytest.mark.parametrize("method", list(lsrfx.METHODS))
 def test_resume_in_fresh_process_is_bit_exact(checkpoints: Path, method: str) -> None:
     reference = uninterrupted(method)
     resumed = torch.load(checkpoints / method / "final.pt")

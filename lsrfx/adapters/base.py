@@ -1,7 +1,7 @@
 """What every adapter method shares: the layer it adapts, its config base class, and its module interface.
 
 Every method yields factors ``A`` (``r x d_in``) and ``B`` (``d_out x r``) so that ``dW = scale * B @ A``; the
-methods differ only in where ``A`` and ``B`` come from (see DESIGN.md section 2).
+methods differ only in where ``A`` and ``B`` come from (see ``docs/architecture.md``).
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -29,7 +29,8 @@ class LayerSpec:
     device: torch.device
 
     @property
-    def shape(self) -> str:
+    def shape_text(self) -> str:
+        """The weight's shape for messages, e.g. ``"768 x 768"`` (``d_out x d_in``)."""
         return f"{self.d_out} x {self.d_in}"
 
     @property
@@ -61,9 +62,25 @@ class Adapter(nn.Module, abc.ABC):
         return f"d_out={self.d_out}, d_in={self.d_in}, rank={self.rank}, scale={self.scale:g}"
 
 
+def option_field(default: Any, help_text: str) -> Any:
+    """A config field with its one-line help text (``metadata["help"]``), which the CLI shows for the field's flag."""
+    return dataclasses.field(default=default, metadata={"help": help_text})
+
+
+def rank_field(default: int) -> Any:
+    """The ``r`` option of methods whose update rank is one number."""
+    return option_field(default, "rank of the update")
+
+
+def alpha_field(default: float) -> Any:
+    """The ``alpha`` option every method has: the update is scaled by ``alpha / rank``."""
+    return option_field(default, "scale numerator: the update is scaled by alpha / rank")
+
+
 @dataclass
 class AdapterConfig(abc.ABC):
-    """Base of the per-method config dataclasses. ``method`` is the name ``adapt(method=...)`` takes."""
+    """Base of the per-method config dataclasses. ``method`` is the name ``adapt(method=...)`` takes; every field
+    is declared with :func:`option_field`, so its help text lives next to it (the CLI makes a flag of each field)."""
 
     method: ClassVar[str]
 
@@ -88,6 +105,6 @@ def check_rank(spec: LayerSpec, r: int, method: str) -> None:
     limit = min(spec.d_in, spec.d_out)
     if not 1 <= r <= limit:
         raise LsrfxError(
-            f"{method}: rank r={r} is impossible for layer '{spec.name}' (weight {spec.shape}); "
+            f"{method}: rank r={r} is impossible for layer '{spec.name}' (weight {spec.shape_text}); "
             f"use 1 <= r <= {limit} or leave this layer out of `targets`."
         )

@@ -14,21 +14,23 @@ Trainable parameters: ``r * (d_in + d_in)`` per group (square), i.e. 1/L of LoRA
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from lsrfx.adapters.base import Adapter, AdapterConfig, LayerSpec, check_rank
+from lsrfx.adapters.base import Adapter, AdapterConfig, LayerSpec, alpha_field, check_rank, rank_field
+from lsrfx.errors import LsrfxError
 
 
 @dataclass
 class CondLoRAConfig(AdapterConfig):
-    """``r``: rank; ``alpha``: scale ``alpha / r`` (paper: r = alpha = 8)."""
+    """CondLoRA's options (paper: r = alpha = 8)."""
 
     method = "condlora"
-    r: int = 8
-    alpha: float = 8.0
+    r: int = rank_field(8)
+    alpha: float = alpha_field(8.0)
 
     def check(self, spec: LayerSpec) -> None:
         check_rank(spec, self.r, "condlora")
@@ -38,9 +40,10 @@ class CondLoRAConfig(AdapterConfig):
         adapters = []
         for spec in specs:
             key = (group_name(spec.name), spec.d_out, spec.d_in)
-            if key not in groups:
+            first = key not in groups
+            if first:
                 groups[key] = ConversionPair(spec, self.r)
-            adapters.append(CondLoRAAdapter(spec, self, groups[key]))
+            adapters.append(CondLoRAAdapter(spec, self, groups[key], owns_pair=first))
         return adapters
 
     def build_one(self, spec: LayerSpec) -> Adapter:
@@ -53,25 +56,67 @@ def group_name(layer_name: str) -> str:
 
 
 class ConversionPair(nn.Module):
-    """The shared trainable ``C_A``, ``C_B`` of one group."""
+    """The shared trainable ``C_A``, ``C_B`` of one group. ``owner``: the name of the layer it is registered under."""
 
     def __init__(self, spec: LayerSpec, r: int) -> None:
         super().__init__()
         kw = dict(dtype=spec.adapter_dtype, device=spec.device)
         self.square = spec.d_in == spec.d_out
+        self.owner = spec.name
         self.C_A = nn.Parameter(torch.empty(r, spec.d_in if self.square else spec.d_out, **kw))
-        self.C_B = nn.Parameter(torch.zeros(r, spec.d_in, **kw))
+        self.C_B = nn.Parameter(torch.empty(r, spec.d_in, **kw))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """The paper's init: ``C_A`` Kaiming-uniform, ``C_B = 0`` (so ``dW = 0``)."""
         nn.init.kaiming_uniform_(self.C_A, a=math.sqrt(5))
+        nn.init.zeros_(self.C_B)
 
 
 class CondLoRAAdapter(Adapter):
-    def __init__(self, spec: LayerSpec, config: CondLoRAConfig, pair: ConversionPair) -> None:
+    """One layer's view of its group's :class:`ConversionPair`.
+
+    The pair is registered (a submodule, so in ``state_dict``, ``model.parameters()``, FSDP's units) under the
+    group's first layer only, its ``owner``; the other layers hold a plain reference. A tensor listed under several
+    ``state_dict`` keys is refused by safetensors and Hugging Face's ``save_pretrained``. ``adapter.pair`` and
+    ``adapter.named_parameters()`` still give every layer's adapter the pair it reads (``pair.C_A``, ``pair.C_B``).
+    ``copy.deepcopy`` of the model keeps one pair per group (its memo maps the reference to the copied owner's).
+    """
+
+    def __init__(self, spec: LayerSpec, config: CondLoRAConfig, pair: ConversionPair, owns_pair: bool = True) -> None:
         super().__init__(spec)
         self.rank, self.scale = config.r, config.alpha / config.r
-        self.pair = pair  # shared: the same module object sits under every layer of the group
+        if owns_pair:
+            self.pair = pair
+        else:
+            object.__setattr__(self, "pair", pair)  # not a submodule: listed once, under its owner
+
+    @property
+    def owns_pair(self) -> bool:
+        """Whether the pair is registered here (the group's first layer) rather than referenced."""
+        return "pair" in self._modules
+
+    def named_parameters(
+        self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True
+    ) -> Iterator[tuple[str, nn.Parameter]]:
+        """This adapter's parameters, the shared pair included when another layer owns it (a model-level
+        ``named_parameters`` walks the registered modules and lists the pair once, under its owner)."""
+        yield from super().named_parameters(prefix, recurse, remove_duplicate)
+        if recurse and not self.owns_pair:
+            yield from self.pair.named_parameters(f"{prefix}.pair" if prefix else "pair", True, remove_duplicate)
 
     def factors(self, w0: Tensor) -> tuple[Tensor, Tensor]:
+        if not torch.compiler.is_compiling() and hasattr(self.pair.C_A, "device_mesh") != hasattr(w0, "device_mesh"):
+            raise LsrfxError(
+                f"condlora: the conversion pair registered under '{self.pair.owner}' is sharded differently from a "
+                f"{self.d_out} x {self.d_in} weight of its group (one is a DTensor): under FSDP2 every layer of a "
+                "group must be in the pair's fully_shard unit; call fully_shard on the root only, or use DDP."
+            )
         w = w0.detach().to(self.pair.C_A.dtype)  # W0 is frozen: gradients flow to C_A, C_B only
         a = self.pair.C_A @ (w.t() if self.pair.square else w)
         b = w @ self.pair.C_B.t()
         return a, b
+
+    def extra_repr(self) -> str:
+        shared = "" if self.owns_pair else f", pair=shared with '{self.pair.owner}'"
+        return super().extra_repr() + shared

@@ -20,19 +20,18 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from lsrfx.adapters.base import Adapter, AdapterConfig, LayerSpec, check_rank
+from lsrfx.adapters.base import Adapter, AdapterConfig, LayerSpec, alpha_field, check_rank, option_field, rank_field
 from lsrfx.errors import LsrfxError
 
 
 @dataclass
 class GenLoRAConfig(AdapterConfig):
-    """``r``: rank (number of RBFs per factor); ``group_size``: latent dimension ``g``; ``alpha``: scale
-    ``alpha / r``."""
+    """GenLoRA's options (our reconstruction's defaults: r = alpha = 32, g = 2)."""
 
     method = "genlora"
-    r: int = 32
-    group_size: int = 2
-    alpha: float = 32.0
+    r: int = rank_field(32)
+    group_size: int = option_field(2, "dimension g of the latent vector of each row of A and of B")
+    alpha: float = alpha_field(32.0)
 
     def __post_init__(self) -> None:
         if self.group_size < 1:
@@ -57,14 +56,26 @@ class GenLoRAAdapter(Adapter):
         r, g = config.r, config.group_size
         self.rank, self.scale = r, config.alpha / r
         kw = dict(dtype=spec.adapter_dtype, device=spec.device)
-        self.Z_A = nn.Parameter(torch.randn(spec.d_in, g, **kw))
-        self.Z_B = nn.Parameter(torch.randn(spec.d_out, g, **kw))
-        self.centres_A = nn.Parameter(torch.randn(r, g, **kw))
-        self.centres_B = nn.Parameter(torch.randn(r, g, **kw))
-        self.log_gamma_A = nn.Parameter(torch.zeros(r, **kw))
-        self.log_gamma_B = nn.Parameter(torch.zeros(r, **kw))
-        self.amplitude_A = nn.Parameter(torch.full((r,), spec.d_in**-0.5, **kw))
-        self.amplitude_B = nn.Parameter(torch.zeros(r, **kw))
+        self.Z_A = nn.Parameter(torch.empty(spec.d_in, g, **kw))
+        self.Z_B = nn.Parameter(torch.empty(spec.d_out, g, **kw))
+        self.centres_A = nn.Parameter(torch.empty(r, g, **kw))
+        self.centres_B = nn.Parameter(torch.empty(r, g, **kw))
+        self.log_gamma_A = nn.Parameter(torch.empty(r, **kw))
+        self.log_gamma_B = nn.Parameter(torch.empty(r, **kw))
+        self.amplitude_A = nn.Parameter(torch.empty(r, **kw))
+        self.amplitude_B = nn.Parameter(torch.empty(r, **kw))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Latents and centres N(0, 1), unit widths, ``w^A = 1/sqrt(d_in)``, ``w^B = 0`` (so ``dW = 0``); also
+        after ``to_empty`` of a meta-device model."""
+        with torch.no_grad():
+            for p in (self.Z_A, self.Z_B, self.centres_A, self.centres_B):
+                p.normal_()
+            self.log_gamma_A.zero_()
+            self.log_gamma_B.zero_()
+            self.amplitude_A.fill_(self.d_in**-0.5)
+            self.amplitude_B.zero_()
 
     def factors(self, w0: Tensor) -> tuple[Tensor, Tensor]:
         a = rbf_bank(self.Z_A, self.centres_A, self.log_gamma_A, self.amplitude_A)  # (r, d_in)

@@ -11,16 +11,16 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from lsrfx.adapters.base import Adapter, AdapterConfig, LayerSpec, check_rank
+from lsrfx.adapters.base import Adapter, AdapterConfig, LayerSpec, alpha_field, check_rank, rank_field
 
 
 @dataclass
 class LoRAConfig(AdapterConfig):
-    """``r``: rank; ``alpha``: the update is scaled by ``alpha / r`` (LoRA paper, RoBERTa GLUE: r = alpha = 8)."""
+    """LoRA's options (LoRA paper, RoBERTa GLUE: r = alpha = 8)."""
 
     method = "lora"
-    r: int = 8
-    alpha: float = 8.0
+    r: int = rank_field(8)
+    alpha: float = alpha_field(8.0)
 
     def check(self, spec: LayerSpec) -> None:
         check_rank(spec, self.r, "lora")
@@ -35,8 +35,13 @@ class LoRAAdapter(Adapter):
         self.rank, self.scale = config.r, config.alpha / config.r
         kw = dict(dtype=spec.adapter_dtype, device=spec.device)
         self.lora_A = nn.Parameter(torch.empty(config.r, spec.d_in, **kw))
-        self.lora_B = nn.Parameter(torch.zeros(spec.d_out, config.r, **kw))
+        self.lora_B = nn.Parameter(torch.empty(spec.d_out, config.r, **kw))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """peft's init: ``A`` Kaiming-uniform, ``B = 0`` (also after ``to_empty`` of a meta-device model)."""
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B)
 
     def factors(self, w0: Tensor) -> tuple[Tensor, Tensor]:
         return self.lora_A, self.lora_B

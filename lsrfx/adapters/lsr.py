@@ -18,9 +18,9 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from lsrfx.adapters.base import Adapter, AdapterConfig, LayerSpec, check_rank
+from lsrfx.adapters.base import Adapter, AdapterConfig, LayerSpec, alpha_field, check_rank, option_field
 from lsrfx.errors import LsrfxError
-from lsrfx.kernels.factor_ops import kron_sum
+from lsrfx.kernels.kron_sum import kron_sum
 
 
 def balanced_split(d: int) -> tuple[int, int]:
@@ -31,19 +31,17 @@ def balanced_split(d: int) -> tuple[int, int]:
 
 @dataclass
 class LSRConfig(AdapterConfig):
-    """``r1``, ``r2``: ranks of the two Kronecker factors (rank ``r = r1*r2``); ``separation_rank``: the number
-    ``S`` of Kronecker terms summed; ``in_factors`` / ``out_factors``: override the split of ``d_in`` / ``d_out``
-    (default: most balanced); ``alpha``: scale ``alpha / r``; ``init``: ``"zero"`` (``dW = 0`` at start) or
-    ``"paper"``."""
+    """LSR-Adapt's options (paper defaults r1 = r2 = 2, S = 16; rank ``r = r1 * r2``)."""
 
     method = "lsr"
-    r1: int = 2
-    r2: int = 2
-    separation_rank: int = 16
-    alpha: float = 4.0
-    in_factors: tuple[int, int] | None = None
-    out_factors: tuple[int, int] | None = None
-    init: Literal["zero", "paper"] = "zero"
+    r1: int = option_field(2, "rank of the first Kronecker factor (the update's rank is r1 * r2)")
+    r2: int = option_field(2, "rank of the second Kronecker factor")
+    separation_rank: int = option_field(16, "number S of Kronecker products summed in each factor")
+    alpha: float = alpha_field(4.0)
+    in_factors: tuple[int, int] | None = option_field(None, "split of d_in into a1 x a2 (default: most balanced)")
+    out_factors: tuple[int, int] | None = option_field(None, "split of d_out into b1 x b2 (default: most balanced)")
+    init: Literal["zero", "paper"] = option_field(
+        "zero", "initialisation: zero (dW = 0 at start) or paper (factors from N(0, 0.01^2), as the authors' code)")
 
     @property
     def r(self) -> int:
@@ -70,14 +68,14 @@ class LSRConfig(AdapterConfig):
                 if len(given) != 2 or given[0] * given[1] != d:
                     raise LsrfxError(
                         f"lsr: {option}={given} does not factor {what}={d} of layer '{spec.name}' "
-                        f"(weight {spec.shape}); pass two integers whose product is {d}, e.g. {balanced_split(d)}."
+                        f"(weight {spec.shape_text}); pass two integers whose product is {d}, e.g. {balanced_split(d)}."
                     )
                 split = given
             else:
                 split = balanced_split(d)
             if min(split) < 2:
                 raise LsrfxError(
-                    f"lsr: {what}={d} of layer '{spec.name}' (weight {spec.shape}) has no useful Kronecker split "
+                    f"lsr: {what}={d} of layer '{spec.name}' (weight {spec.shape_text}) has no useful Kronecker split "
                     f"(best is {split[0]} x {split[1]}); leave this layer out of `targets`, pass {option}=(p, q) "
                     f"with p, q >= 2, or use method='lora'."
                 )
@@ -90,7 +88,7 @@ class LSRConfig(AdapterConfig):
         if self.r1 > min(a1, b1) or self.r2 > min(a2, b2):
             raise LsrfxError(
                 f"lsr: ranks r1={self.r1}, r2={self.r2} exceed the Kronecker factors of layer '{spec.name}' "
-                f"(weight {spec.shape}, d_in split {a1} x {a2}, d_out split {b1} x {b2}); need "
+                f"(weight {spec.shape_text}, d_in split {a1} x {a2}, d_out split {b1} x {b2}); need "
                 f"r1 <= {min(a1, b1)} and r2 <= {min(a2, b2)}: lower r1/r2 or pass in_factors/out_factors."
             )
 
@@ -117,14 +115,20 @@ class LSRAdapter(Adapter):
         self.A2 = nn.Parameter(torch.empty(s, r2, a2, **kw))
         self.B1 = nn.Parameter(torch.empty(s, b1, r1, **kw))
         self.B2 = nn.Parameter(torch.empty(s, b2, r2, **kw))
+        self.init = config.init
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """The configured init (also after ``to_empty`` of a meta-device model)."""
+        s = self.A1.shape[0]
         with torch.no_grad():
-            if config.init == "paper":
+            if self.init == "paper":
                 for p in (self.A1, self.A2, self.B1, self.B2):
                     p.normal_(0.0, 0.01)
             else:
                 # A gets LoRA's entry variance 1/(3 d_in) (S terms of products of two N(0, sigma^2));
                 # B1 = 0 gives dW = 0, and B2 ~ N(0, 1/S) keeps B's first steps LoRA-sized under Adam.
-                sigma_a = (3.0 * spec.d_in * s) ** -0.25
+                sigma_a = (3.0 * self.d_in * s) ** -0.25
                 self.A1.normal_(0.0, sigma_a)
                 self.A2.normal_(0.0, sigma_a)
                 self.B1.zero_()

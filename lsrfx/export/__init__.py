@@ -1,5 +1,6 @@
 """Shipping a fine-tune: ``merge_and_export`` to ONNX, and ``save_adapters`` / ``load_adapters`` for the small
-adapter files."""
+adapter files. The example inputs export falls back on are recorded here too (:mod:`.recorded_inputs`), so the
+core API carries no export state."""
 
 from lsrfx.export.adapters_io import load_adapters, save_adapters
 from lsrfx.export.onnx import ExportReport, merge_and_export

@@ -3,9 +3,12 @@
 A directory holds ``adapters.safetensors`` (every adapter tensor once, CondLoRA's shared conversion pairs included
 once, plus the base parameters trained through ``adapt(trainable=...)``) and ``adapter_config.json`` (format
 version, lsrfx version, method and options, the adapted layers, the user's ``targets`` when they are
-serialisable, and a fingerprint per adapted layer: shape, dtype and SHA-256 of its frozen base weight).
+serialisable, a fingerprint per adapted layer: shape, dtype and SHA-256 of its frozen base weight, and
+``tensors_sha256``, the SHA-256 of the whole ``adapters.safetensors`` file).
 
-Loading checks every fingerprint first, so adapters never land silently on a different base model. A model that
+Loading checks the file's checksum first, so damaged adapter data (a flipped byte, a truncated copy) is an error
+naming the file instead of NaN outputs; directories written before the checksum existed have none and load
+unchecked. Then it checks every fingerprint, so adapters never land silently on a different base model. A model that
 is not adapted yet is adapted from the saved config (same method, options and exact layer list) and then filled:
 this is what a user loading a fine-tune into a freshly built base model expects, and it reproduces the trained
 model's outputs exactly. An adapted model must carry the same method, options and layers; its adapter values are
@@ -17,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +28,10 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from lsrfx.adapters import make_config
-from lsrfx.api import adapt, adapt_state, remove_adapters, unwrap
+from lsrfx.api import adapt, adapt_state, remove_adapters
 from lsrfx.errors import LsrfxError
 from lsrfx.parametrization import adapted_layers, adapter_parameters, base_weight
+from lsrfx.utils import atomic_write, unwrap
 
 FORMAT = "lsrfx-adapters"
 FORMAT_VERSION = 1
@@ -82,7 +85,7 @@ def save_adapters(model: nn.Module, directory: str | os.PathLike) -> Path:
     Files are replaced atomically (written under temporary names, then renamed). Under FSDP2 call it on every
     rank: sharded tensors are gathered and rank 0 writes.
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     import lsrfx
 
@@ -109,10 +112,12 @@ def save_adapters(model: nn.Module, directory: str | os.PathLike) -> Path:
     directory = Path(directory)
     if not _is_writer():
         return directory
+    data = save(tensors, metadata={"format": "pt"})
+    config["tensors_sha256"] = hashlib.sha256(data).hexdigest()
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        _atomic_write(directory / TENSORS_FILE, lambda f: save_file(tensors, f, metadata={"format": "pt"}))
-        _atomic_write(directory / CONFIG_FILE,
+        atomic_write(directory / TENSORS_FILE, lambda f: Path(f).write_bytes(data))
+        atomic_write(directory / CONFIG_FILE,
                       lambda f: Path(f).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n"))
     except OSError as exc:
         raise LsrfxError(f"cannot write adapters to {directory}: {exc.strerror or exc}; "
@@ -123,18 +128,15 @@ def save_adapters(model: nn.Module, directory: str | os.PathLike) -> Path:
 def load_adapters(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     """Load adapters saved by :func:`save_adapters` into ``model`` (plain or compiled) and return ``model``.
 
-    A model without adapters is adapted from the saved config first; an adapted one must match it. Fails with
-    an :class:`LsrfxError`, leaving the model unchanged, when the base weights differ from the ones the adapters
-    were trained on (fingerprint), or when method, options, layers or tensor shapes disagree.
+    A model without adapters is adapted from the saved config first (``lsrfx.adapt``, which also installs the
+    compile pass); an adapted one must match it. Fails with
+    an :class:`LsrfxError`, leaving the model unchanged, when the tensor file does not match its recorded SHA-256
+    (damaged), when the base weights differ from the ones the adapters were trained on (fingerprint), or when
+    method, options, layers or tensor shapes disagree.
     """
-    from safetensors.torch import load_file
-
     directory = Path(directory)
     config = _read_config(directory)
-    try:
-        tensors = load_file(directory / TENSORS_FILE)
-    except (OSError, Exception) as exc:
-        raise LsrfxError(f"cannot read {directory / TENSORS_FILE}: {exc}; is it a save_adapters directory?") from exc
+    tensors = _read_tensors(directory / TENSORS_FILE, config.get("tensors_sha256"))
     root = unwrap(model)
     saved_config = make_config(config["method"], _from_json(config["options"]))
     layers = list(config["layers"])
@@ -152,7 +154,7 @@ def load_adapters(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
         _fill(root, tensors, config)
     except LsrfxError:
         if fresh:
-            _undo_adapt(root)
+            _undo_adapt(model)
         raise
     return model
 
@@ -169,6 +171,26 @@ def _read_config(directory: Path) -> dict:
         raise LsrfxError(f"{file} is not an lsrfx adapter config of format version {FORMAT_VERSION} "
                          f"(found format={config.get('format')!r}, version={config.get('format_version')!r}).")
     return config
+
+
+def _read_tensors(file: Path, sha256: str | None) -> dict[str, Tensor]:
+    """The saved tensors, after checking the file's bytes against the SHA-256 recorded when it was written (files
+    saved before lsrfx recorded one, ``sha256=None``, are not checked)."""
+    from safetensors.torch import load
+
+    try:
+        data = file.read_bytes()
+    except OSError as exc:
+        raise LsrfxError(f"cannot read {file}: {exc.strerror or exc}; is it a save_adapters directory?") from exc
+    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+        raise LsrfxError(
+            f"{file} is damaged: its SHA-256 differs from the one recorded in {CONFIG_FILE} when it was saved "
+            f"({sha256[:16]}...); nothing was loaded. Restore the file from a good copy or save the adapters again."
+        )
+    try:
+        return load(data)
+    except Exception as exc:
+        raise LsrfxError(f"cannot read {file}: {exc}; is it a save_adapters directory?") from exc
 
 
 def _check_base(root: nn.Module, layers: dict[str, dict]) -> None:
@@ -226,20 +248,10 @@ def _fill(root: nn.Module, tensors: dict[str, Tensor], config: dict) -> None:
             _assign(targets[name], t)
 
 
-def _undo_adapt(root: nn.Module) -> None:
-    """Reverse an ``adapt`` made by ``load_adapters`` (base weights restored untouched, freezing undone)."""
-    remove_adapters(root, fold=False)
-
-
-def _atomic_write(target: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+def _undo_adapt(model: nn.Module) -> None:
+    """Reverse an ``adapt`` made by ``load_adapters`` (base weights restored untouched, freezing undone, the input
+    recorder removed from ``model`` itself, which is the compiled wrapper for a compiled model)."""
+    remove_adapters(model, fold=False)
 
 
 def _jsonable(value: Any) -> Any:

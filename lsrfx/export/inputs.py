@@ -1,8 +1,8 @@
 """Example inputs for export: where they come from, how they are cleaned, and how a second size is made from them.
 
 ``merge_and_export`` takes ``example_inputs`` as a tensor, a tuple of positional arguments, a dict of keyword
-arguments, or an ``(args_tuple, kwargs_dict)`` pair. Without them it uses the inputs of the model's most recent
-forward call (recorded by ``adapt``), else a Hugging Face model's ``dummy_inputs``.
+arguments, or an ``(args_tuple, kwargs_dict)`` pair. Without them it uses a few rows of the inputs of the model's
+most recent forward call (see :mod:`lsrfx.export.recorded_inputs`), else a Hugging Face model's ``dummy_inputs``.
 """
 
 from __future__ import annotations
@@ -15,10 +15,9 @@ from torch import Tensor, nn
 from torch.export import Dim, ShapesCollection
 from torch.utils import _pytree as pytree
 
-from lsrfx.api import adapt_state
 from lsrfx.errors import LsrfxError
-
-Inputs = tuple[tuple, dict]
+from lsrfx.export import recorded_inputs
+from lsrfx.export.recorded_inputs import Inputs
 
 # Training-only keyword inputs of `transformers` models: not part of an inference graph.
 LABEL_KEYS = ("labels", "start_positions", "end_positions", "next_sentence_label", "return_loss")
@@ -42,12 +41,12 @@ def normalize(example_inputs: Any) -> Inputs:
 
 
 def find_inputs(root: nn.Module, example_inputs: Any) -> tuple[Inputs, str]:
-    """The inputs to export with and where they came from (``"given"``, ``"last forward"``, ``"dummy_inputs"``)."""
+    """The inputs to export with and where they came from (``"given"``, the last forward, ``"dummy_inputs"``)."""
     if example_inputs is not None:
         return normalize(example_inputs), "given"
-    state = adapt_state(root)
-    if state is not None and state.last_inputs is not None:
-        return state.last_inputs, "last forward"
+    recorded = recorded_inputs.latest(root)
+    if recorded is not None:
+        return recorded, f"last forward, first {recorded_inputs.ROWS} rows"
     dummy = hf_dummy_inputs(root)
     if dummy is not None:
         return ((), dummy), "dummy_inputs"

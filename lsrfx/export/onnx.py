@@ -1,21 +1,24 @@
 """``merge_and_export``: fold the adapters into a copy of the model and write a checked, verified ONNX file.
 
 The caller's model is never modified (it stays adapted and trainable): the work happens on an
-:func:`~lsrfx.export.copy.independent_copy`. The file is written into a temporary directory next to ``path``,
+:func:`~lsrfx.export.clone.independent_copy`. The file is written into a temporary directory next to ``path``,
 checked with ``onnx.checker``, run in onnxruntime, and only then renamed into place, so a failure leaves nothing
 half-written. With ``merge=False`` the adapters stay separate in the graph (``lsrfx`` ops translated to standard
-ONNX ops by :mod:`lsrfx.export.onnx_ops`).
+ONNX ops by :mod:`lsrfx.export.onnx_ops`). The graph's outputs are named after the model's output fields
+(``logits``), see :func:`lsrfx.export.verify.output_names`.
+
+Precision: a bfloat16 model cannot be verified where onnxruntime has only its CPU provider (no bfloat16 kernels);
+with ``verify=True`` that is an :class:`LsrfxError` raised before exporting, naming the provider, the dtype and
+``verify=False`` (:func:`lsrfx.export.verify.check_runnable`). lsrfx does not verify a float32 stand-in instead:
+that would check a different file than the one written.
 """
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import os
 import shutil
 import tempfile
 import traceback
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,18 +27,21 @@ import torch
 from torch import nn
 
 from lsrfx.api import merge as merge_adapters
-from lsrfx.api import unwrap
 from lsrfx.errors import LsrfxError
 from lsrfx.export import inputs as inp
 from lsrfx.export import verify as ver
-from lsrfx.export.copy import independent_copy
+from lsrfx.export.clone import independent_copy
+from lsrfx.utils import first_line, quiet_logger, unwrap
+
+# Logs the exporter's registry warnings about optional torchvision ops, which lsrfx never uses.
+EXPORTER_REGISTRY_LOGGER = "torch.onnx._internal.exporter._registration"
 
 
 @dataclass(frozen=True)
 class ExportReport:
     """What ``merge_and_export`` wrote: file, size in bytes (with any external-data file), ONNX opset, largest
     onnxruntime-vs-PyTorch difference over both checked sizes (``None`` with ``verify=False``), graph node count,
-    whether adapters were merged, and the symbolic axes of each graph input."""
+    whether adapters were merged, the symbolic axes of each graph input, and the graph's output names."""
 
     path: Path
     size: int
@@ -44,11 +50,14 @@ class ExportReport:
     node_count: int
     merged: bool = True
     dynamic_axes: dict[str, list[int]] = field(default_factory=dict)
+    outputs: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
-        diff = "not verified" if self.max_diff is None else f"max abs diff vs PyTorch {self.max_diff:.2e}"
+        diff = ("not verified (verify=False)" if self.max_diff is None
+                else f"verified in onnxruntime, max abs diff vs PyTorch {self.max_diff:.2e}")
+        shown = ", ".join(self.outputs[:4]) + (f", ... ({len(self.outputs)} in all)" if len(self.outputs) > 4 else "")
         return (f"{self.path}: {self.size / 1e6:.2f} MB, opset {self.opset}, {self.node_count} nodes, "
-                f"{'merged' if self.merged else 'adapters separate'}, {diff}")
+                f"{'merged' if self.merged else 'adapters separate'}, outputs {shown or '-'}, {diff}")
 
 
 def merge_and_export(
@@ -70,8 +79,11 @@ def merge_and_export(
     model allows. ``opset``: the ONNX opset (default: the exporter's). ``verify``: run the file in onnxruntime on
     the example inputs (against the adapted model) and, when the graph has symbolic axes, on a second
     batch/sequence size (against the exported PyTorch model), and raise if outputs differ beyond the tolerance in
-    :mod:`lsrfx.export.verify` (fp32: 1e-4 x max(1, max |output|)); nothing is written then. ``merge=False``
-    keeps the adapter tensors separate in the graph. The caller's model is left as it was, adapted and trainable.
+    :mod:`lsrfx.export.verify` (fp32: 1e-4 x max(1, max |output|)); nothing is written then. A bfloat16 model
+    cannot be verified with onnxruntime's CPU provider: ``verify=True`` then raises before exporting (pass
+    ``verify=False``, or export a float32 copy). ``merge=False`` keeps the adapter tensors separate in the graph.
+    Graph outputs are named after the model's output fields (``logits``). The caller's model is left as it was,
+    adapted and trainable.
     """
     path = Path(path)
     workdir = _workdir(path)
@@ -84,10 +96,15 @@ def merge_and_export(
         clone = independent_copy(model)
         clone.eval()
         _disable_cache(clone)
-        reference = _forward(clone, inputs, source)
+        outputs = _forward(clone, inputs, source)
+        reference = ver.torch_outputs(outputs)
+        if verify:
+            ver.check_runnable({t.dtype for t in [*reference, *clone.parameters(), *clone.buffers()]
+                                if t.is_floating_point()})
         if merge:
             merge_adapters(clone)
-        program = _export(clone, inputs, dynamic=dynamic, opset=opset, merge=merge)
+        program = _export(clone, inputs, dynamic=dynamic, opset=opset, merge=merge,
+                          output_names=ver.output_names(outputs))
         staged = workdir / path.name
         program.save(staged)
         proto = _check(staged)
@@ -99,7 +116,7 @@ def merge_and_export(
                                           f"export of {type(root).__name__} on the example inputs")
             if any(symbols):
                 second = inp.second_size(inputs, symbols)
-                ref2 = _forward(clone, second, "second size")
+                ref2 = ver.torch_outputs(_forward(clone, second, "second size"))
                 got2 = ver.run(sess, inp.tensors(second))
                 max_diff = max(max_diff, ver.max_difference(
                     got2, ref2, f"export of {type(root).__name__} at a second batch/sequence size"))
@@ -111,6 +128,7 @@ def merge_and_export(
     return ExportReport(
         path=path, size=size, opset=_opset(proto), max_diff=max_diff, node_count=len(proto.graph.node),
         merged=merge, dynamic_axes={n: sorted(s) for n, s in zip(names, symbols, strict=True) if s},
+        outputs=[o.name for o in proto.graph.output],
     )
 
 
@@ -134,20 +152,23 @@ def _disable_cache(model: nn.Module) -> None:
         config.use_cache = False
 
 
-def _forward(model: nn.Module, inputs: inp.Inputs, source: str) -> list[torch.Tensor]:
+def _forward(model: nn.Module, inputs: inp.Inputs, source: str) -> Any:
+    """The model's outputs on ``inputs`` as it returns them (tensor, tuple, dict or ``ModelOutput``)."""
     args, kwargs = inputs
     try:
         with torch.no_grad():
-            return ver.torch_outputs(model(*args, **kwargs))
+            return model(*args, **kwargs)
     except Exception as exc:
         raise LsrfxError(
             f"{type(model).__name__}.forward fails on the example inputs ({source}: {_describe(inputs)}): "
-            f"{_first_line(exc)}{_where(exc)}. Pass example_inputs= that forward accepts."
+            f"{first_line(exc)}{_where(exc)}. Pass example_inputs= that forward accepts."
         ) from exc
 
 
-def _export(model: nn.Module, inputs: inp.Inputs, *, dynamic: bool, opset: int | None, merge: bool):
-    """``torch.export`` (non-strict) then the dynamo ONNX exporter, each failure named with its place and fix."""
+def _export(model: nn.Module, inputs: inp.Inputs, *, dynamic: bool, opset: int | None, merge: bool,
+            output_names: list[str]):
+    """``torch.export`` (non-strict) then the dynamo ONNX exporter, each failure named with its place and fix.
+    ``output_names`` name the graph outputs when they are as many as the exported program's outputs."""
     from lsrfx.export.onnx_ops import translation_table
 
     args, kwargs = inputs
@@ -159,31 +180,22 @@ def _export(model: nn.Module, inputs: inp.Inputs, *, dynamic: bool, opset: int |
         hint = " or dynamic=False if the error is about symbolic shapes" if dynamic else ""
         raise LsrfxError(
             f"torch.export could not capture {name}.forward with the example inputs ({_describe(inputs)}): "
-            f"{_first_line(exc)}{_where(exc)}. Pass example_inputs= that take the path you want to deploy{hint}."
+            f"{first_line(exc)}{_where(exc)}. Pass example_inputs= that take the path you want to deploy{hint}."
         ) from exc
+    if len(output_names) != len(exported.graph_signature.user_outputs):
+        output_names = None  # an output structure lsrfx cannot name one to one: keep the exporter's names
     try:
         # Unmerged graphs skip the optimizer: its constant folding would merge the adapters anyway.
-        with _quiet_registry():
+        with quiet_logger(EXPORTER_REGISTRY_LOGGER):
             return torch.onnx.export(exported, dynamo=True, opset_version=opset, optimize=merge, verbose=False,
+                                     output_names=output_names,
                                      custom_translation_table=None if merge else translation_table())
     except Exception as exc:
         fix = "export with merge=True (adapters folded in)" if not merge else "check the operator in the message"
         raise LsrfxError(
-            f"the ONNX exporter could not translate {name}: {_first_line(exc)}{_where(exc)}; {fix}, or pass "
+            f"the ONNX exporter could not translate {name}: {first_line(exc)}{_where(exc)}; {fix}, or pass "
             "example_inputs= that avoid the failing part."
         ) from exc
-
-
-@contextlib.contextmanager
-def _quiet_registry() -> Iterator[None]:
-    """Silence the exporter's registry warnings about optional torchvision ops (lsrfx never uses them)."""
-    logger = logging.getLogger("torch.onnx._internal.exporter._registration")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
 
 
 def _check(file: Path):
@@ -192,7 +204,7 @@ def _check(file: Path):
     try:
         onnx.checker.check_model(str(file))
     except Exception as exc:
-        raise LsrfxError(f"onnx.checker rejected the exported graph: {_first_line(exc)}; nothing was written.") from exc
+        raise LsrfxError(f"onnx.checker rejected the exported graph: {first_line(exc)}; nothing was written.") from exc
     return onnx.load(str(file), load_external_data=False)
 
 
@@ -223,13 +235,9 @@ def _describe(inputs: inp.Inputs) -> str:
     return ", ".join(parts) or "no inputs"
 
 
-def _first_line(exc: BaseException) -> str:
-    text = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
-    return text if len(text) <= 300 else text[:297] + "..."
-
-
 _LIBRARY_PARTS = (f"{os.sep}torch{os.sep}", f"{os.sep}onnxscript{os.sep}", f"{os.sep}onnx{os.sep}",
-                  f"{os.sep}lsrfx{os.sep}export{os.sep}", f"{os.sep}contextlib.py", f"{os.sep}functools.py")
+                  f"{os.sep}lsrfx{os.sep}export{os.sep}", f"{os.sep}lsrfx{os.sep}utils.py", f"{os.sep}contextlib.py",
+                  f"{os.sep}functools.py")
 
 
 def _where(exc: BaseException) -> str:

@@ -50,21 +50,50 @@ class TextData:
 
 
 def read_rows(path: Path) -> list[dict[str, str]]:
-    """The CSV's rows, after checking the file exists and has the needed columns."""
+    """The CSV's rows, after checking the file exists, has the needed columns and is well formed: a CSV error (an
+    unterminated quote, stray characters after a closing quote) or a record with more or fewer fields than the
+    header is reported with its line, never swallowed into an odd row."""
     if not path.is_file():
         raise FinetuneError(f"data file {str(path)!r} does not exist; pass --data with a CSV (columns text, label, split).")
     try:
         with path.open(newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
-            columns = reader.fieldnames or []
+            reader = csv.reader(f, strict=True)
+            columns = _next_record(reader, path)[1] or []
             missing = [c for c in REQUIRED_COLUMNS if c not in columns]
             if missing:
                 raise FinetuneError(
                     f"data file {str(path)!r} lacks column(s) {missing}; it has {columns}, needs {list(REQUIRED_COLUMNS)}."
                 )
-            return list(reader)
-    except (UnicodeDecodeError, csv.Error) as exc:
+            rows = []
+            while True:
+                line, record = _next_record(reader, path)
+                if record is None:
+                    return rows
+                if not record:
+                    continue  # a blank line
+                if len(record) != len(columns):
+                    raise FinetuneError(
+                        f"data file {str(path)!r}, line {line}: {len(record)} fields where the header has "
+                        f"{len(columns)} ({', '.join(columns)}); quote fields that contain commas."
+                    )
+                rows.append(dict(zip(columns, record, strict=True)))
+    except UnicodeDecodeError as exc:
         raise FinetuneError(f"data file {str(path)!r} is not a readable UTF-8 CSV: {exc}.") from exc
+
+
+def _next_record(reader, path: Path) -> tuple[int, list[str] | None]:
+    """The line the next record of a strict ``csv.reader`` starts on, and the record (``None`` at the end); a CSV
+    error names that line."""
+    start = reader.line_num + 1
+    try:
+        return start, next(reader)
+    except StopIteration:
+        return start, None
+    except csv.Error as exc:
+        hint = ("a quote opened in this record is never closed: close it, or double the quotes inside a quoted "
+                "field" if "unexpected end of data" in str(exc) else "quote the field and double the quotes inside it")
+        raise FinetuneError(f"data file {str(path)!r} is not valid CSV: record starting at line {start}: {exc} "
+                            f"({hint}).") from exc
 
 
 def load_data(path: Path | None = None, *, validation_fraction: float = 0.15, seed: int = 0) -> TextData:
@@ -78,9 +107,10 @@ def load_data(path: Path | None = None, *, validation_fraction: float = 0.15, se
             by_split[split].append((row["text"].strip(), (row["label"] or "").strip()))
     train, test = by_split["train"], by_split["test"]
     if not train or not test:
+        seen = sorted({(row["split"] or "").strip() for row in rows})
         raise FinetuneError(
             f"data file {str(path)!r} needs rows with split 'train' and 'test' (found {len(train)} train, "
-            f"{len(test)} test)."
+            f"{len(test)} test among {len(rows)} rows; split values seen: {seen[:8]})."
         )
     counts = Counter(label for _, label in train)
     if len(counts) < 2:

@@ -1,19 +1,42 @@
-"""Load a local Hugging Face model directory as a sequence classifier and its tokenizer, without any network."""
+"""Load a local Hugging Face model directory as a sequence classifier and its tokenizer, without any network.
+
+Nothing here acts at import: the offline switches are set, and ``transformers``' logging quieted, only by the
+functions that load a model.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 from torch import nn
 
 from lsrfx.finetune.errors import FinetuneError
+from lsrfx.utils import first_line, quiet_logger
 
 
 def offline() -> None:
-    """Never reach for a model hub: every model comes from a local directory."""
+    """Never reach for a model hub: every model comes from a local directory (called by the loaders only)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """``transformers`` logs only errors and shows no progress bar inside the block (the load report of a freshly
+    initialised classification head is expected here); both are restored afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        with quiet_logger("transformers"):
+            yield
+    finally:
+        if bar:
+            hf_logging.enable_progress_bar()
 
 
 def default_model_dir() -> Path:
@@ -56,18 +79,16 @@ def load_classifier(path: Path, label_names: list[str]) -> nn.Module:
     """
     offline()
     from transformers import AutoModelForSequenceClassification
-    from transformers.utils import logging as hf_logging
 
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()  # the "newly initialised classifier" load report is expected here
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            str(path),
-            num_labels=len(label_names),
-            id2label=dict(enumerate(label_names)),
-            label2id={n: i for i, n in enumerate(label_names)},
-            problem_type="single_label_classification",
-        )
+        with quiet_transformers():
+            model = AutoModelForSequenceClassification.from_pretrained(
+                str(path),
+                num_labels=len(label_names),
+                id2label=dict(enumerate(label_names)),
+                label2id={n: i for i, n in enumerate(label_names)},
+                problem_type="single_label_classification",
+            )
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise FinetuneError(f"cannot load a sequence classifier from {str(path)!r}: {first_line(exc)}") from exc
     model.config.problem_type = "single_label_classification"
@@ -83,8 +104,3 @@ def head_name(model: nn.Module) -> str:
             return candidate
     raise FinetuneError(f"cannot find the classification head of {type(model).__name__} "
                         "(looked for classifier, score, classification_head).")
-
-
-def first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__

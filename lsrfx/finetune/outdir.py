@@ -44,15 +44,3 @@ def staged_output(out: Path, overwrite: bool) -> Iterator[Path]:
     os.replace(stage, out)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file and a rename."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

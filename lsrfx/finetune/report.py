@@ -8,7 +8,7 @@ import json
 import statistics
 from pathlib import Path
 
-from lsrfx.finetune.outdir import write_atomic
+from lsrfx.utils import write_bytes_atomic
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -58,7 +58,7 @@ def format_table(summary: list[dict]) -> str:
 
 
 def write_json(path: Path, report: dict) -> None:
-    write_atomic(path, (json.dumps(report, indent=2, sort_keys=False) + "\n").encode())
+    write_bytes_atomic(path, (json.dumps(report, indent=2, sort_keys=False) + "\n").encode())
 
 
 def smooth(values: list[float], window: int) -> list[float]:
@@ -108,4 +108,4 @@ def write_plot(path: Path, report: dict) -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
-    write_atomic(path, buf.getvalue())
+    write_bytes_atomic(path, buf.getvalue())

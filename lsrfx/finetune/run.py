@@ -15,7 +15,7 @@ import torch
 
 import lsrfx
 from lsrfx.adapters import make_config
-from lsrfx.api import adapt_state, unwrap
+from lsrfx.api import adapt_state
 from lsrfx.finetune import defaults
 from lsrfx.finetune.batches import batches, encode
 from lsrfx.finetune.data import TextData, default_data_path, load_data
@@ -26,6 +26,7 @@ from lsrfx.finetune.outdir import check_out_dir, staged_output
 from lsrfx.finetune.report import format_table, summarise, write_json, write_plot
 from lsrfx.finetune.train import TrainSettings, train
 from lsrfx.parametrization import adapter_parameters
+from lsrfx.utils import unwrap
 
 EVAL_BATCH_SIZE = 128
 
@@ -53,13 +54,23 @@ class FinetuneSettings:
     command: str = ""
 
     def adapter_lr(self, method: str) -> float:
-        return self.lr if self.lr is not None else defaults.ADAPTER_LR.get(method, defaults.ADAPTER_LR["lora"])
+        """``--lr`` if given, else the method's own default (``defaults.ADAPTER_LR``; a method without one is an
+        error, never another method's rate)."""
+        if self.lr is not None:
+            return self.lr
+        if method not in defaults.ADAPTER_LR:
+            raise FinetuneError(
+                f"method {method!r} has no default adapter learning rate (lsrfx/finetune/defaults.py ADAPTER_LR "
+                f"has {sorted(defaults.ADAPTER_LR)}); pass --lr, or add its rate chosen on the validation split."
+            )
+        return defaults.ADAPTER_LR[method]
 
 
 def check_settings(s: FinetuneSettings) -> None:
     """Reject bad methods, options and numbers before any heavy work."""
     for method in s.methods:
         make_config(method, s.options.get(method, {}))
+        s.adapter_lr(method)
     for name, value, low in (("--epochs", s.epochs, 1), ("--batch-size", s.batch_size, 1),
                              ("--max-length", s.max_length, 4)):
         if value < low:

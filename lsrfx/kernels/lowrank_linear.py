@@ -2,39 +2,144 @@
 
 What the FX pass puts in place of ``linear(x, compose(W0, A, B, s))`` so ``dW`` is never materialised. It is a
 ``torch.library.triton_op``: on CUDA the body launches the fused Triton kernel through ``wrap_triton`` (Inductor
-sees and schedules it), elsewhere the body is the torch reference, which Inductor compiles like any torch code.
-The backward (``register_autograd``) runs two more ops of the same kind: the input gradient with the adapter term
-fused (``grad @ W + s * (grad @ B) @ A``), and the ``A``/``B`` gradients, which reuse ``grad @ B``.
-``W`` is ``(N, K)``, or ``(K, N)`` when ``transposed`` (GPT-2 ``Conv1D``); ``x`` may have any leading dims.
+sees and schedules it), elsewhere the body is the torch reference below, which Inductor compiles like any torch
+code and which is the spec the Triton kernels are tested against.
+
+The op returns ``(out, v)`` with ``v = x @ A.T`` (``x``'s leading dims by ``r``): the forward computes ``v``
+anyway, and saving it (a non-differentiable output, tiny next to ``x``) spares the backward a pass over ``x``. The
+pass uses output 0. The backward (``register_autograd``) runs two more ops of the same kind, defined here too:
+``lowrank_linear_grad_input`` (``grad @ W + s * (grad @ B) @ A``, adapter term fused) and
+``lowrank_linear_grad_factors`` (the ``A``/``B`` gradients from ``u = grad @ B`` and the saved ``v``).
+
+Conventions shared by every fused op: ``W`` is ``(N, K)``, or stored ``(K, N)`` when ``transposed`` (GPT-2
+``Conv1D``); ``A``: ``(r, K)``; ``B``: ``(N, r)``; ``x`` may have any leading dims. The adapter term is computed in
+the factors' dtype (fp32 master weights under a half-precision base) and cast to the output dtype once, which is
+what ``compose`` does to ``dW``. The reference folds ``scale`` into BLAS calls (``addmm``'s ``alpha``) rather than
+multiplying afterwards: under Inductor on CPU each separate multiply would be one more kernel launch.
 """
 
+from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
-from lsrfx.kernels import reference as ref
-from lsrfx.kernels import triton_lowrank as tk
-from lsrfx.kernels.dispatch import use_triton
+from lsrfx.kernels import triton_matmul as tk
+from lsrfx.kernels.dispatch import choose
+
+# Which inputs of the fused linear need a gradient: (x, W, bias, A, B).
+GradsNeeded = tuple[bool, bool, bool, bool, bool]
 
 
 def out_shape(x: Tensor, w: Tensor, transposed: bool) -> list:
+    """Output shape of a fused linear: ``x``'s leading dims and ``N``."""
     return [*x.shape[:-1], w.shape[0 if not transposed else 1]]
+
+
+def flat(t: Tensor) -> Tensor:
+    """``t`` as a 2-D ``(tokens, features)`` matrix."""
+    return t.reshape(-1, t.shape[-1])
+
+
+def scaled_mm(m1: Tensor, m2: Tensor, scale: float, like: Tensor) -> Tensor:
+    """``scale * m1 @ m2`` as one BLAS call, so no multiply kernel follows the product: ``addmm`` with ``beta = 0``
+    ignores the values of its input, here ``like``, any existing tensor of the result's shape and dtype."""
+    return torch.addmm(like, m1, m2, beta=0, alpha=scale)
+
+
+# --- torch reference bodies -----------------------------------------------------------------------------------
+
+
+def base_linear(x: Tensor, w: Tensor, bias: Tensor | None, transposed: bool) -> Tensor:
+    """``x @ W.T + bias`` for ``W`` in ``(N, K)`` layout, or ``(K, N)`` when ``transposed``."""
+    return torch.nn.functional.linear(x, w.t() if transposed else w, bias)
+
+
+def lowrank_linear_reference(
+    x: Tensor, w: Tensor, bias: Tensor | None, a: Tensor, b: Tensor, scale: float, transposed: bool
+) -> tuple[Tensor, Tensor]:
+    """``(x @ W.T + bias + scale * v @ B.T, v)`` with ``v = x @ A.T``, without ever forming ``B @ A``."""
+    base = base_linear(x, w, bias, transposed)
+    v = x.to(a.dtype) @ a.t()
+    return base + (v @ b.t() * scale).to(base.dtype), v
+
+
+def grad_input_reference(
+    grad: Tensor, w: Tensor, a: Tensor, b: Tensor, scale: float, transposed: bool
+) -> tuple[Tensor, Tensor]:
+    """``(grad_x, u)``: ``grad_x = grad @ W + scale * u @ A`` and ``u = grad @ B`` (``tokens x r``, reused for
+    ``grad_A``)."""
+    w_nk = w.t() if transposed else w
+    u = flat(grad).to(b.dtype) @ b
+    base = flat(grad) @ w_nk
+    if base.dtype == a.dtype:
+        grad_x = torch.addmm(base, u, a, alpha=scale)
+    else:  # fp32 factors on a half-precision base: one pointwise kernel scales, casts and adds
+        grad_x = base + (u @ a * scale).to(base.dtype)
+    return grad_x.reshape(*grad.shape[:-1], grad_x.shape[-1]), u
+
+
+def grad_factors_reference(
+    grad: Tensor, x: Tensor, v: Tensor, a: Tensor, b: Tensor, u: Tensor | None, scale: float
+) -> tuple[Tensor, Tensor]:
+    """``(grad_A, grad_B)`` = ``(scale * u.T @ x, scale * grad.T @ v)`` over all leading dims (``u = grad @ B``
+    when not given)."""
+    g2 = flat(grad).to(a.dtype)
+    u2 = g2 @ b if u is None else flat(u)
+    return scaled_mm(u2.t(), flat(x).to(a.dtype), scale, a), scaled_mm(g2.t(), flat(v), scale, b)
+
+
+def grad_weight_reference(grad: Tensor, x: Tensor, transposed: bool) -> Tensor:
+    """Gradient of the base weight in its storage layout (only when ``W`` is trainable, which is unusual)."""
+    gw = flat(grad).t() @ flat(x)  # (N, K)
+    return gw.t() if transposed else gw
+
+
+# --- bodies shared with lsr_linear ----------------------------------------------------------------------------
+
+
+def triton_forward(
+    x: Tensor, w: Tensor, bias: Tensor | None, a: Tensor, b: Tensor, scale: float, transposed: bool,
+    launch: Callable = tk.identity_launch,
+) -> tuple[Tensor, Tensor]:
+    """``(out, v)`` from the fused Triton kernel, which computes ``v = x @ A.T`` in its K-loop anyway and stores it
+    (fp32) on request."""
+    out, v = tk.lowrank_forward(x, w, bias, a, b, scale, transposed, launch, return_u=True)
+    return out, v.to(a.dtype)
+
+
+def forward_body(
+    x: Tensor, w: Tensor, bias: Tensor | None, a: Tensor, b: Tensor, scale: float, transposed: bool
+) -> tuple[Tensor, Tensor]:
+    """``(out, v)`` of the fused linear: the Triton kernels where :func:`~lsrfx.kernels.dispatch.choose` picks them
+    (CUDA: measured against the reference once per shape bucket), the torch reference elsewhere."""
+    args = (x, w, bias, a, b, scale, transposed)
+    if choose("lowrank_linear", args, triton_forward, lowrank_linear_reference):
+        return triton_forward(*args, launch=wrap_triton)
+    return lowrank_linear_reference(*args)
+
+
+def fake_outputs(x: Tensor, w: Tensor, a: Tensor, transposed: bool) -> tuple[Tensor, Tensor]:
+    """Empty ``(out, v)`` of the right shapes and dtypes (the ops' fake implementations)."""
+    return x.new_empty(out_shape(x, w, transposed)), a.new_empty([*x.shape[:-1], a.shape[0]])
+
+
+# --- the ops ------------------------------------------------------------------------------------------------
 
 
 @triton_op("lsrfx::lowrank_linear", mutates_args=())
 def lowrank_linear(
     x: Tensor, w: Tensor, bias: Tensor | None, a: Tensor, b: Tensor, scale: float, transposed: bool
-) -> Tensor:
-    """Fused adapted linear; see the module docstring."""
-    if use_triton(x):
-        return tk.lowrank_forward(x, w, bias, a, b, scale, transposed, wrap_triton)
-    return ref.lowrank_linear_ref(x, w, bias, a, b, scale, transposed)
+) -> tuple[Tensor, Tensor]:
+    """Fused adapted linear, returning ``(out, x @ A.T)``; see the module docstring."""
+    return forward_body(x, w, bias, a, b, scale, transposed)
 
 
 @lowrank_linear.register_fake
 def _(x, w, bias, a, b, scale, transposed):
-    return x.new_empty(out_shape(x, w, transposed))
+    return fake_outputs(x, w, a, transposed)
 
 
 @triton_op("lsrfx::lowrank_linear_grad_input", mutates_args=())
@@ -42,10 +147,11 @@ def lowrank_linear_grad_input(
     grad: Tensor, w: Tensor, a: Tensor, b: Tensor, scale: float, transposed: bool
 ) -> tuple[Tensor, Tensor]:
     """``(grad @ W + scale * u @ A, u)`` with ``u = grad @ B`` flattened to ``(tokens, r)``, fused on CUDA."""
-    if use_triton(grad):
-        return tk.grad_input(grad, w, a, b, scale, transposed, wrap_triton)
-    gx, u = ref.grad_input_ref(grad, w, a, b, scale, transposed)
-    return gx, u.reshape(-1, u.shape[-1])
+    args = (grad, w, a, b, scale, transposed)
+    if choose("lowrank_linear_grad_input", args, tk.grad_input, grad_input_reference):
+        gx, u = tk.grad_input(*args, wrap_triton)
+        return gx, flat(u)
+    return grad_input_reference(*args)
 
 
 @lowrank_linear_grad_input.register_fake
@@ -57,47 +163,68 @@ def _(grad, w, a, b, scale, transposed):
 
 @triton_op("lsrfx::lowrank_linear_grad_factors", mutates_args=())
 def lowrank_linear_grad_factors(
-    grad: Tensor, x: Tensor, a: Tensor, b: Tensor, u: Tensor | None, scale: float
+    grad: Tensor, x: Tensor, v: Tensor, a: Tensor, b: Tensor, u: Tensor | None, scale: float
 ) -> tuple[Tensor, Tensor]:
-    """``(grad_A, grad_B)`` = ``(scale * u.T @ x, scale * grad.T @ (x @ A.T))`` summed over all tokens."""
-    if use_triton(x):
-        return tk.grad_factors(grad, x, a, b, u, scale, wrap_triton)
-    return ref.grad_factors_ref(grad, x, a, b, u, scale)
+    """``(grad_A, grad_B)`` = ``(scale * u.T @ x, scale * grad.T @ v)`` summed over all tokens, with ``v = x @ A.T``
+    saved by the forward and ``u = grad @ B`` reused from the input gradient (computed here when ``None``)."""
+    args = (grad, x, v, a, b, u, scale)
+    if choose("lowrank_linear_grad_factors", args, triton_grad_factors, grad_factors_reference):
+        return triton_grad_factors(*args, launch=wrap_triton)
+    return grad_factors_reference(*args)
+
+
+def triton_grad_factors(
+    grad: Tensor, x: Tensor, v: Tensor, a: Tensor, b: Tensor, u: Tensor | None, scale: float,
+    launch: Callable = tk.identity_launch,
+) -> tuple[Tensor, Tensor]:
+    """:func:`grad_factors_reference` with lsrfx's reduction kernels (``v`` saved by the forward)."""
+    g2, x2 = flat(grad), flat(x)
+    u2 = tk.tn_matmul(g2.t(), b, 1.0, torch.float32, launch) if u is None else flat(u)
+    return tk.tn_matmul(u2, x2, scale, a.dtype, launch), tk.tn_matmul(g2, flat(v), scale, b.dtype, launch)
 
 
 @lowrank_linear_grad_factors.register_fake
-def _(grad, x, a, b, u, scale):
+def _(grad, x, v, a, b, u, scale):
     return torch.empty_like(a), torch.empty_like(b)
 
 
-def linear_grads(ctx, grad: Tensor, x: Tensor, w: Tensor, a: Tensor, b: Tensor) -> tuple:
-    """``(grad_x, grad_w, grad_bias, grad_a, grad_b)`` of the fused linear, each ``None`` where not needed.
+# --- autograd -----------------------------------------------------------------------------------------------
 
-    ``ctx.needs`` flags (x, w, bias, a, b), ``ctx.scale``, ``ctx.transposed``."""
-    need_x, need_w, need_bias, need_a, need_b = ctx.needs
+
+def linear_grads(
+    grad: Tensor, x: Tensor, w: Tensor, a: Tensor, b: Tensor, v: Tensor, *, needs: GradsNeeded, scale: float,
+    transposed: bool,
+) -> tuple[Tensor | None, ...]:
+    """``(grad_x, grad_w, grad_bias, grad_a, grad_b)`` of the fused linear, each ``None`` where ``needs`` is false.
+
+    Shared by every fused linear's backward (``lsr_linear`` passes its dense ``A`` and ``B``); ``v = x @ A.T`` is
+    the one the forward saved."""
+    need_x, need_w, need_bias, need_a, need_b = needs
     grad_x = u = grad_w = grad_bias = grad_a = grad_b = None
     if need_x:
-        grad_x, u = torch.ops.lsrfx.lowrank_linear_grad_input(grad, w, a, b, ctx.scale, ctx.transposed)
+        grad_x, u = torch.ops.lsrfx.lowrank_linear_grad_input(grad, w, a, b, scale, transposed)
     if need_a or need_b:
-        grad_a, grad_b = torch.ops.lsrfx.lowrank_linear_grad_factors(grad, x, a, b, u, ctx.scale)
+        grad_a, grad_b = torch.ops.lsrfx.lowrank_linear_grad_factors(grad, x, v, a, b, u, scale)
     if need_w:
-        grad_w = ref.grad_weight_ref(grad, x, ctx.transposed).to(w.dtype)
+        grad_w = grad_weight_reference(grad, x, transposed).to(w.dtype)
     if need_bias:
-        grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0)
+        grad_bias = flat(grad).sum(0)
     return grad_x, grad_w, grad_bias, (grad_a if need_a else None), (grad_b if need_b else None)
 
 
-def _setup(ctx, inputs, output) -> None:
+def _setup_context(ctx, inputs: tuple, output: tuple[Tensor, Tensor]) -> None:
     x, w, bias, a, b, scale, transposed = inputs
-    ctx.save_for_backward(x, w, a, b)
+    v = output[1]
+    ctx.mark_non_differentiable(v)
+    ctx.save_for_backward(x, w, a, b, v)
     ctx.scale, ctx.transposed = scale, transposed
     ctx.needs = tuple(ctx.needs_input_grad[:5])
 
 
-def _backward(ctx, grad: Tensor):
-    x, w, a, b = ctx.saved_tensors
-    grad_x, grad_w, grad_bias, grad_a, grad_b = linear_grads(ctx, grad, x, w, a, b)
-    return grad_x, grad_w, grad_bias, grad_a, grad_b, None, None
+def _backward(ctx, grad: Tensor, _grad_v: Tensor | None) -> tuple:
+    x, w, a, b, v = ctx.saved_tensors
+    grads = linear_grads(grad, x, w, a, b, v, needs=ctx.needs, scale=ctx.scale, transposed=ctx.transposed)
+    return (*grads, None, None)
 
 
-lowrank_linear.register_autograd(_backward, setup_context=_setup)
+lowrank_linear.register_autograd(_backward, setup_context=_setup_context)

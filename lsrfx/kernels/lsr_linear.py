@@ -1,59 +1,74 @@
 """``lsrfx::lsr_linear``: the fused adapted linear for LSR-Adapt, taking the Kronecker factors themselves.
 
-``A = sum_s A1[s] (x) A2[s]`` (``r x K``) and ``B = sum_s B1[s] (x) B2[s]`` (``N x r``) are expanded inside the
-Triton kernel tile by tile, so the forward reads only the small factors. The backward forms ``A`` and ``B``
-(``r x K`` and ``N x r``: tiny, never ``dW``), runs the low-rank backward ops, and chains the ``A``/``B``
-gradients to the factors with two small einsums.
+``A = sum_s A1[s] (x) A2[s]`` (``r x K``) and ``B = sum_s B1[s] (x) B2[s]`` (``N x r``) are formed once per call
+(on CUDA by lsrfx's expansion kernel, elsewhere by :func:`~lsrfx.kernels.kron_sum.kron_sum_reference`), then the
+low-rank forward runs on them. The op returns ``(out, v, A, B)``: ``v = x @ A.T`` and the small ``A`` and ``B``
+(``r x (K + N)`` values, never ``dW``) are non-differentiable outputs saved for the backward, so the backward
+neither re-forms them nor re-reads ``x`` for ``v``. The pass uses output 0. The backward runs the low-rank
+backward ops and chains the ``A``/``B`` gradients to the factors with
+:func:`~lsrfx.kernels.kron_sum.kron_sum_grads`.
 """
 
+from __future__ import annotations
 
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
-from lsrfx.kernels import reference as ref
-from lsrfx.kernels import triton_lowrank as tk
+from lsrfx.kernels import triton_matmul as tk
 from lsrfx.kernels.dispatch import use_triton
-from lsrfx.kernels.lowrank_linear import linear_grads, out_shape
+from lsrfx.kernels.kron_sum import kron_sum_grads, kron_sum_reference
+from lsrfx.kernels.lowrank_linear import fake_outputs, forward_body, linear_grads
+
+
+def kron_factors(a1: Tensor, a2: Tensor, b1: Tensor, b2: Tensor) -> tuple[Tensor, Tensor]:
+    """Dense ``(A, B)`` from LSR's factors: the Triton expansion kernel on CUDA, the torch reference elsewhere."""
+    if use_triton(a1):
+        return tk.kron_expand(a1, a2, wrap_triton), tk.kron_expand(b1, b2, wrap_triton)
+    return kron_sum_reference(a1, a2), kron_sum_reference(b1, b2)
 
 
 @triton_op("lsrfx::lsr_linear", mutates_args=())
 def lsr_linear(
     x: Tensor, w: Tensor, bias: Tensor | None, a1: Tensor, a2: Tensor, b1: Tensor, b2: Tensor, scale: float,
     transposed: bool,
-) -> Tensor:
-    """``x @ W.T + bias + scale * (x @ A.T) @ B.T`` with ``A``, ``B`` given by their Kronecker factors."""
-    if use_triton(x):
-        return tk.lsr_forward(x, w, bias, a1, a2, b1, b2, scale, transposed, wrap_triton)
-    a, b = ref.kron_sum_dense(a1, a2), ref.kron_sum_dense(b1, b2)
-    return ref.lowrank_linear_ref(x, w, bias, a, b, scale, transposed)
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(x @ W.T + bias + scale * v @ B.T, v, A, B)`` with ``v = x @ A.T`` and ``A``, ``B`` given by their
+    Kronecker factors."""
+    a, b = kron_factors(a1, a2, b1, b2)
+    out, v = forward_body(x, w, bias, a, b, scale, transposed)
+    return out, v, a, b
 
 
 @lsr_linear.register_fake
 def _(x, w, bias, a1, a2, b1, b2, scale, transposed):
-    return x.new_empty(out_shape(x, w, transposed))
+    a = a1.new_empty(a1.shape[1] * a2.shape[1], a1.shape[2] * a2.shape[2])
+    b = b1.new_empty(b1.shape[1] * b2.shape[1], b1.shape[2] * b2.shape[2])
+    return (*fake_outputs(x, w, a, transposed), a, b)
 
 
-def _setup(ctx, inputs, output) -> None:
+def _setup_context(ctx, inputs: tuple, output: tuple) -> None:
     x, w, bias, a1, a2, b1, b2, scale, transposed = inputs
-    ctx.save_for_backward(x, w, a1, a2, b1, b2)
+    _, v, a, b = output
+    ctx.mark_non_differentiable(v, a, b)
+    ctx.save_for_backward(x, w, a1, a2, b1, b2, v, a, b)
     ctx.scale, ctx.transposed = scale, transposed
     n = ctx.needs_input_grad
-    ctx.needs = (n[0], n[1], n[2], n[3] or n[4], n[5] or n[6])
-    ctx.factor_needs = tuple(n[3:7])
+    ctx.needs = (n[0], n[1], n[2], n[3] or n[4], n[5] or n[6])  # (x, W, bias, A, B) of the low-rank backward
+    ctx.factor_needs = tuple(n[3:7])  # (A1, A2, B1, B2)
 
 
-def _backward(ctx, grad: Tensor):
-    x, w, a1, a2, b1, b2 = ctx.saved_tensors
-    a, b = ref.kron_sum_dense(a1, a2), ref.kron_sum_dense(b1, b2)
-    grad_x, grad_w, grad_bias, grad_a, grad_b = linear_grads(ctx, grad, x, w, a, b)
+def _backward(ctx, grad: Tensor, *_unused: Tensor | None) -> tuple:
+    x, w, a1, a2, b1, b2, v, a, b = ctx.saved_tensors
+    need_a1, need_a2, need_b1, need_b2 = ctx.factor_needs
+    grad_x, grad_w, grad_bias, grad_a, grad_b = linear_grads(
+        grad, x, w, a, b, v, needs=ctx.needs, scale=ctx.scale, transposed=ctx.transposed
+    )
     ga1 = ga2 = gb1 = gb2 = None
     if grad_a is not None:
-        ga1, ga2 = ref.kron_sum_grads(grad_a, a1, a2)
+        ga1, ga2 = kron_sum_grads(grad_a, a1, a2, need_p=need_a1, need_q=need_a2)
     if grad_b is not None:
-        gb1, gb2 = ref.kron_sum_grads(grad_b, b1, b2)
-    need = ctx.factor_needs
-    factor_grads = [g if n else None for g, n in zip((ga1, ga2, gb1, gb2), need, strict=True)]
-    return (grad_x, grad_w, grad_bias, *factor_grads, None, None)
+        gb1, gb2 = kron_sum_grads(grad_b, b1, b2, need_p=need_b1, need_q=need_b2)
+    return grad_x, grad_w, grad_bias, ga1, ga2, gb1, gb2, None, None
 
 
-lsr_linear.register_autograd(_backward, setup_context=_setup)
+lsr_linear.register_autograd(_backward, setup_context=_setup_context)

@@ -1,25 +1,31 @@
 """The FX rewrite: each adapted linear-like node becomes one fused lsrfx op, or stays materialised.
 
-For every :class:`~lsrfx.passes.match.Match` the cost model decides. "fused" replaces the consumer by
-``lsrfx::lowrank_linear(x, W0, bias, A, B, s, transposed)``, or ``lsrfx::lsr_linear`` fed with LSR's Kronecker
-factors straight from the ``kron_sum`` nodes, and erases ``compose``/``kron_sum`` once nothing else uses them, so
-``dW`` is never formed. "materialised" leaves ``linear(x, compose(...))`` as it is. The method's factor subgraph
-(LoRA's parameters, CondLoRA's ``C_A @ W0.T``, GenLoRA's RBF bank, LSR's factors) is already in the captured
-graph, upstream of ``compose``; the rewrite rewires it into the fused op. Graphs without ``compose`` are not touched.
+For every :class:`~lsrfx.passes.match.Match` the cost model decides. "fused" replaces the consumer by the fused op
+of the match's factor structure (:mod:`lsrfx.kernels.factor_table`): ``lsrfx::lowrank_linear(x, W0, bias, A,
+B, s, transposed)``, or ``lsrfx::lsr_linear`` fed with LSR's Kronecker factors straight from the ``kron_sum``
+nodes; the consumer's uses take the fused op's output 0 (the other outputs are saved for its backward). It erases
+``compose`` and the feed ops once nothing else uses them, so ``dW`` is never formed. "materialised" leaves
+``linear(x, compose(...))`` as it is. The method's factor subgraph (LoRA's parameters, CondLoRA's ``C_A @ W0.T``,
+GenLoRA's RBF bank, LSR's factors) is already in the captured graph, upstream of ``compose``; the rewrite rewires
+it into the fused op, and writes a dense factor that is a small matrix product as a reduction (see
+:func:`_products_as_reductions`). Graphs without ``compose`` are not touched.
 """
 
 from __future__ import annotations
 
 import logging
+import operator
 from dataclasses import dataclass
 
 import torch
 from torch import fx
 
+from lsrfx.kernels.factor_table import KRON_SUM, is_call, is_factor_op
 from lsrfx.passes import cost_model
-from lsrfx.passes.match import Match, call_kind, match
+from lsrfx.passes.logs import LOGGER
+from lsrfx.passes.match import Match, Skip, call_kind, match
 
-log = logging.getLogger("lsrfx.compile")
+log = logging.getLogger(LOGGER)
 
 
 @dataclass
@@ -29,14 +35,15 @@ class Decision:
     node: str  # name of the linear-like node in the captured graph
     layer: str  # module path, from Dynamo's nn_module_stack
     kind: str  # linear | addmm | mm | ...
-    method: str  # lowrank | lsr
+    fused_op: str  # the fused op of the node's factor structure, e.g. "lsrfx::lsr_linear"; "" when skipped
     action: str  # fused | materialised | skipped
     reason: str
     fused_node: str = ""
 
     def __str__(self) -> str:
         target = f" -> {self.fused_node}" if self.fused_node else ""
-        return f"{self.layer or self.node} [{self.kind}, {self.method}]: {self.action}{target} ({self.reason})"
+        op = self.fused_op or "?"
+        return f"{self.layer or self.node} [{self.kind}, {op}]: {self.action}{target} ({self.reason})"
 
 
 def _val(node: object) -> torch.Tensor | None:
@@ -72,41 +79,84 @@ def _shape_of(m: Match) -> cost_model.Shape | None:
         tokens *= _hint(s)
     n = _hint(w0.numel()) // max(k, 1)
     r = _hint(a.shape[0])  # A is (r, d_in) whatever the orientation
-    factors = [_val(f) for f in ((m.a, m.b) if m.kron is None else m.kron)]
+    factors = [_val(f) for f in (*m.a_factors, *m.b_factors)]
     training = any(f is not None and f.requires_grad for f in factors)
-    return cost_model.Shape(tokens=tokens, d_in=k, d_out=n, rank=r, training=training)
+    return cost_model.Shape(tokens=tokens, d_in=k, d_out=n, rank=r, training=training, input_grad=x.requires_grad,
+                            elem_bytes=x.element_size(), factor_flops=_factor_flops(m), device=x.device.type)
+
+
+def _factor_flops(m: Match) -> float:
+    """Flops forming ``A`` and ``B`` from the adapter's parameters where the graph shows them: Kronecker sums (``2S``
+    per element) and matrix products (CondLoRA's ``C_A @ W0.T``); elementwise factor code is not counted."""
+    total = 0
+    for node in (m.a, m.b):
+        out = _val(node)
+        inner = _val(node.args[0]) if isinstance(node, fx.Node) and node.args else None
+        if out is None or inner is None:
+            continue
+        if is_call(node, KRON_SUM.op):
+            total += 2 * _hint(inner.shape[0]) * _hint(out.numel())  # inner: (S, m1, n1)
+        elif call_kind(node) == "mm":
+            total += 2 * _hint(out.numel()) * _hint(inner.shape[-1])
+    return total
 
 
 def _factor_args(graph: fx.Graph, m: Match) -> list:
-    """The factor arguments of the fused op, transposed where the orientations disagree."""
-    if m.kron is None:
-        a, b = (m.a, m.b)
-        return [graph.call_function(torch.t, (b,)), graph.call_function(torch.t, (a,))] if m.swap else [a, b]
-    a1, a2, b1, b2 = m.kron
+    """The factor arguments of the fused op, transposed (and A's exchanged with B's) where orientations disagree."""
     if not m.swap:
-        return [a1, a2, b1, b2]
-    return [graph.call_function(torch.transpose, (f, 1, 2)) for f in (b1, b2, a1, a2)]
+        return [*m.a_factors, *m.b_factors]
+    s = m.structure
+    return [graph.call_function(s.transpose, (f, *s.transpose_dims)) for f in (*m.b_factors, *m.a_factors)]
+
+
+def _products_as_reductions(graph: fx.Graph, m: Match) -> int:
+    """Rewrite each dense factor that is a small 2-D matrix product (CondLoRA's ``C_A @ W0.T``, ``W0 @ C_B.T``) as
+    ``(P[:, :, None] * Q[None]).sum(1)``: Inductor generates it and its gradient as reductions that it fuses into
+    kernels the step launches anyway, instead of one BLAS call each way (see ``cost_model.SMALL_PRODUCT_FLOPS``).
+    Updates ``m``; returns how many factors were rewritten."""
+    if m.structure.feed is not None:
+        return 0
+    done = 0
+    for role in ("a", "b"):
+        node = getattr(m, role)
+        if call_kind(node) != "mm" or node.kwargs or len(node.args) != 2:
+            continue
+        p, q = node.args
+        pv, qv, out = _val(p), _val(q), _val(node)
+        if out is None or any(v is None or v.dim() != 2 for v in (pv, qv)):
+            continue
+        if not cost_model.product_as_reduction(2 * _hint(out.numel()) * _hint(pv.shape[1])):
+            continue
+        with graph.inserting_before(node):
+            prod = graph.call_function(operator.mul, (graph.call_function(torch.unsqueeze, (p, 2)),
+                                                      graph.call_function(torch.unsqueeze, (q, 0))))
+            summed = graph.call_function(torch.sum, (prod, 1))
+        summed.meta.update(node.meta)
+        node.replace_all_uses_with(summed)
+        graph.erase_node(node)
+        setattr(m, role, summed)
+        setattr(m, f"{role}_factors", (summed,))
+        done += 1
+    return done
 
 
 def _rewrite(graph: fx.Graph, m: Match) -> fx.Node:
     consumer = m.consumer
     with graph.inserting_before(consumer):
         factors = _factor_args(graph, m)
-        if m.kron is None:
-            op = torch.ops.lsrfx.lowrank_linear.default
-        else:
-            op = torch.ops.lsrfx.lsr_linear.default
-        fused = graph.call_function(op, (m.x, m.w0, m.bias, *factors, m.scale, m.op_transposed))
-        fused.meta.update(consumer.meta)
-        result = fused
+        fused = graph.call_function(m.structure.fused_op.default,
+                                    (m.x, m.w0, m.bias, *factors, m.scale, m.op_transposed))
+        fused.meta.update({k: v for k, v in consumer.meta.items() if k not in ("example_value", "val")})
+        result = graph.call_function(operator.getitem, (fused, 0))  # the others are saved for the backward
+        result.meta.update(consumer.meta)
         if m.addend is not None:
-            result = graph.call_function(torch.add, (fused, m.addend))
+            result = graph.call_function(torch.add, (result, m.addend))
             result.meta.update(consumer.meta)
     consumer.replace_all_uses_with(result)
     graph.erase_node(consumer)
     for dead in dict.fromkeys((m.weight, m.compose, m.a, m.b)):
-        if isinstance(dead, fx.Node) and not dead.users and call_kind(dead) in ("t", "transpose", "compose",
-                                                                                 "kron_sum"):
+        if isinstance(dead, fx.Node) and not dead.users and (call_kind(dead) in ("t", "transpose")
+                                                             or is_factor_op(dead)):
             graph.erase_node(dead)
     return fused
 
@@ -121,13 +171,15 @@ def fuse_adapted_linears(graph: fx.Graph, record: bool = True) -> list[Decision]
         if found is None:
             continue
         layer = _layer_name(node)
-        if isinstance(found, str):
-            decisions.append(Decision(node.name, layer, str(call_kind(node)), "?", "skipped", found))
+        if isinstance(found, Skip):
+            decisions.append(Decision(node.name, layer, str(call_kind(node)), "", "skipped", found.reason))
             continue
         shape = _shape_of(found)
         action, reason = cost_model.decide(shape)
-        d = Decision(node.name, layer, found.kind, found.method, action, reason)
+        d = Decision(node.name, layer, found.kind, found.structure.fused_op_name, action, reason)
         if action == "fused":
+            if _products_as_reductions(graph, found):
+                d.reason += "; factor matmuls generated as reductions"
             d.fused_node = _rewrite(graph, found).name
         decisions.append(d)
     if decisions and record:

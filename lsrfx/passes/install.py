@@ -1,5 +1,8 @@
 """Put the lsrfx rewrite into Inductor's ``pre_grad_custom_pass``, chained with any pass already there.
 
+Nothing is installed on import: ``lsrfx.adapt`` (and ``lsrfx.load_adapters``) call :func:`install`, which is also
+when ``LSRFX_LOG`` takes effect.
+
 The pass runs on Dynamo's captured graph before AOTAutograd, so ``torch.compile(lsrfx.adapt(m))`` and
 ``lsrfx.adapt(torch.compile(m))`` both get it with the default Inductor backend. It is a ``CustomGraphPass`` with a
 ``uuid()`` (a hash of the pass's source files and the fusion policy) so Inductor's caches stay correct. A user's
@@ -16,10 +19,12 @@ from torch import fx
 from torch._inductor import config as inductor_config
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
+from lsrfx.kernels.factor_table import COMPOSE, is_call
 from lsrfx.passes import cost_model
 from lsrfx.passes.fuse import fuse_adapted_linears
+from lsrfx.passes.logs import LOGGER, configure_from_env
 
-log = logging.getLogger("lsrfx.compile")
+log = logging.getLogger(LOGGER)
 _SOURCES = tuple(
     str(p) for p in sorted(Path(__file__).parent.glob("*.py")) + sorted((Path(__file__).parent.parent / "kernels")
                                                                        .glob("*.py"))
@@ -41,7 +46,7 @@ class LsrfxFusePass(CustomGraphPass):
 
 
 def _has_compose(graph: fx.Graph) -> bool:
-    return any("lsrfx.compose" in str(n.target) for n in graph.nodes if n.op == "call_function")
+    return any(is_call(n, COMPOSE.op) for n in graph.nodes)
 
 
 FUSE_PASS = LsrfxFusePass()
@@ -54,9 +59,10 @@ def _passes(value: object) -> list:
 
 
 def install() -> None:
-    """Add the lsrfx pass in front of the configured ``pre_grad_custom_pass`` (idempotent).
+    """Add the lsrfx pass in front of the configured ``pre_grad_custom_pass`` and apply ``LSRFX_LOG`` (idempotent).
 
-    Call again if code set ``torch._inductor.config.pre_grad_custom_pass`` after ``import lsrfx``."""
+    ``lsrfx.adapt`` calls it; call it again if code replaced ``torch._inductor.config.pre_grad_custom_pass`` since."""
+    configure_from_env()
     current = _passes(inductor_config.pre_grad_custom_pass)
     if any(isinstance(p, LsrfxFusePass) for p in current):
         return

@@ -1,10 +1,11 @@
 """Find linear-like FX nodes whose weight is an lsrfx ``compose`` node, in Dynamo's captured (pre-grad) graphs.
 
-A match records what the fused op needs: input, frozen weight, bias, the two factors (or LSR's four Kronecker
-factors), scale, and the orientation. Orientation: ``linear(x, C)`` computes ``x @ C.T`` and ``mm``/``matmul``/
-``addmm`` compute ``x @ C`` (GPT-2 ``Conv1D``), a transpose between ``compose`` and the matmul flips that, and
-``compose(..., transposed=True)`` stores ``W0 + s*(B@A).T``. The fused op computes ``x @ W.T + s*(x@A.T)@B.T``,
-so where the orientations disagree the factors swap roles (``A' = B.T``, ``B' = A.T``).
+A :class:`Match` records what the fused op needs: input, frozen weight, bias, the factor structure with its
+factors (:mod:`lsrfx.kernels.factor_table`), scale, and the orientation. Orientation: ``linear(x, C)``
+computes ``x @ C.T`` and ``mm``/``matmul``/``addmm`` compute ``x @ C`` (GPT-2 ``Conv1D``), a transpose between
+``compose`` and the matmul flips that, and ``compose(..., transposed=True)`` stores ``W0 + s*(B@A).T``. The fused
+op computes ``x @ W.T + s*(x@A.T)@B.T``, so where the orientations disagree the factors swap roles
+(``A' = B.T``, ``B' = A.T``).
 """
 
 from __future__ import annotations
@@ -15,20 +16,17 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-import lsrfx.kernels  # noqa: F401  (registers the lsrfx ops)
+from lsrfx.kernels.factor_table import COMPOSE, FACTOR_STRUCTURES, FactorOp, FactorStructure, is_call
 
 aten = torch.ops.aten
-lsrfx_ops = torch.ops.lsrfx
 
 LINEAR = (torch._C._nn.linear, torch.nn.functional.linear, aten.linear, aten.linear.default)
 ADDMM = (torch.addmm, aten.addmm, aten.addmm.default)
 MM = (torch.mm, torch.matmul, operator.matmul, aten.mm, aten.mm.default, aten.matmul, aten.matmul.default)
 TRANSPOSE_2D = (torch.t, aten.t, aten.t.default)
 TRANSPOSE = (torch.transpose, aten.transpose, aten.transpose.int)
-COMPOSE = (lsrfx_ops.compose, lsrfx_ops.compose.default)
-KRON_SUM = (lsrfx_ops.kron_sum, lsrfx_ops.kron_sum.default)
 METHOD_KIND = {"mm": "mm", "matmul": "mm", "__matmul__": "mm", "addmm": "addmm", "t": "t", "transpose": "transpose"}
-COMPOSE_ARGS = ("w0", "a", "b", "scale", "transposed")
+CONSUMER_KINDS = ("linear", "addmm", "mm")
 
 
 def _in(target: object, group: tuple) -> bool:
@@ -36,13 +34,13 @@ def _in(target: object, group: tuple) -> bool:
 
 
 def call_kind(node: fx.Node) -> str | None:
-    """``"linear"``, ``"addmm"``, ``"mm"``, ``"t"``, ``"transpose"``, ``"compose"``, ``"kron_sum"`` or ``None``."""
+    """``"linear"``, ``"addmm"``, ``"mm"``, ``"t"``, ``"transpose"`` or ``None`` (torch and aten forms alike)."""
     if node.op == "call_method":
         return METHOD_KIND.get(node.target)
     if node.op != "call_function":
         return None
     for kind, group in (("linear", LINEAR), ("addmm", ADDMM), ("mm", MM), ("t", TRANSPOSE_2D),
-                        ("transpose", TRANSPOSE), ("compose", COMPOSE), ("kron_sum", KRON_SUM)):
+                        ("transpose", TRANSPOSE)):
         if _in(node.target, group):
             return kind
     return None
@@ -53,6 +51,11 @@ def arg(node: fx.Node, index: int, name: str, default: object = None) -> object:
     if len(node.args) > index:
         return node.args[index]
     return node.kwargs.get(name, default)
+
+
+def _op_args(node: fx.Node, op: FactorOp) -> tuple:
+    """The arguments of a call of ``op``, in its schema's order."""
+    return tuple(arg(node, i, name) for i, name in enumerate(op.arg_names))
 
 
 @dataclass
@@ -72,11 +75,16 @@ class Match:
     scale: object  # float, or the node of a scale Dynamo left symbolic (``item()`` of a lifted float)
     op_transposed: bool  # the fused op reads W0 as (K, N)
     swap: bool  # factors swap roles: A' = B.T, B' = A.T
-    kron: tuple[fx.Node, fx.Node, fx.Node, fx.Node] | None  # (A1, A2, B1, B2) when both A and B are kron_sum
+    structure: FactorStructure  # how A and B are built, hence the fused op
+    a_factors: tuple  # A's factors for the fused op (dense: (A,); Kronecker: (A1, A2))
+    b_factors: tuple  # B's factors likewise
 
-    @property
-    def method(self) -> str:
-        return "lsr" if self.kron is not None else "lowrank"
+
+@dataclass(frozen=True)
+class Skip:
+    """An adapted weight that cannot be fused at this node, and why."""
+
+    reason: str
 
 
 def _is_swap_transpose(node: fx.Node) -> bool:
@@ -93,11 +101,11 @@ def _weight_source(w: object) -> tuple[fx.Node | None, bool]:
     """The ``compose`` node behind a weight argument, and whether a transpose sits in between."""
     if not isinstance(w, fx.Node):
         return None, False
-    if call_kind(w) == "compose":
+    if is_call(w, COMPOSE.op):
         return w, False
     if _is_swap_transpose(w):
         inner = w.args[0]
-        if isinstance(inner, fx.Node) and call_kind(inner) == "compose":
+        if is_call(inner, COMPOSE.op):
             return inner, True
     return None, False
 
@@ -107,13 +115,28 @@ def _ndim(node: object) -> int | None:
     return val.dim() if isinstance(val, torch.Tensor) else None
 
 
-def match(node: fx.Node) -> Match | str | None:
-    """A :class:`Match`, or a string saying why an adapted weight cannot be fused here, or ``None``."""
-    kind = call_kind(node)
-    if kind not in ("linear", "addmm", "mm"):
-        return None
+def factor_structure(a: object, b: object) -> tuple[FactorStructure, tuple, tuple]:
+    """The first row of the factor table whose feed op builds both ``A`` and ``B``, with their factors."""
+    for structure in FACTOR_STRUCTURES:
+        if structure.feed is None:
+            return structure, (a,), (b,)
+        if is_call(a, structure.feed.op) and is_call(b, structure.feed.op):
+            return structure, _op_args(a, structure.feed), _op_args(b, structure.feed)
+    raise AssertionError("the factor table has no fallback row (feed=None)")
+
+
+def _weight_arg(node: fx.Node, kind: str) -> object:
     w_index, w_name = {"linear": (1, "weight"), "addmm": (2, "mat2"), "mm": (1, "mat2")}[kind]
-    weight = arg(node, w_index, w_name, node.kwargs.get("other"))
+    return arg(node, w_index, w_name, node.kwargs.get("other"))
+
+
+def match(node: fx.Node) -> Match | Skip | None:
+    """A :class:`Match`; a :class:`Skip` saying why an adapted weight cannot be fused here; ``None`` when ``node``
+    is not a linear-like consumer of ``compose`` (not an adapted node)."""
+    kind = call_kind(node)
+    if kind not in CONSUMER_KINDS:
+        return None
+    weight = _weight_arg(node, kind)
     compose, through_t = _weight_source(weight)
     if compose is None:
         return None
@@ -122,7 +145,7 @@ def match(node: fx.Node) -> Match | str | None:
         x, bias = arg(node, 0, "input"), arg(node, 2, "bias")
     elif kind == "addmm":
         if arg(node, 3, "beta", 1) != 1 or arg(node, 4, "alpha", 1) != 1:
-            return "addmm with beta/alpha != 1"
+            return Skip("addmm with beta/alpha != 1")
         x, inp = arg(node, 1, "mat1"), arg(node, 0, "input")
         if _ndim(inp) == 1:
             bias = inp
@@ -131,13 +154,11 @@ def match(node: fx.Node) -> Match | str | None:
     else:
         x = arg(node, 0, "input")
     if not isinstance(x, fx.Node) or (_ndim(x) or 2) < 1:
-        return "input is not a tensor node"
-    w0, a, b, scale, transposed = (arg(compose, i, n) for i, n in enumerate(COMPOSE_ARGS))
+        return Skip("input is not a tensor node")
+    w0, a, b, scale, transposed = _op_args(compose, COMPOSE)
     if not isinstance(transposed, bool):
-        return "compose's `transposed` is not a constant"
+        return Skip("compose's `transposed` is not a constant")
     c_as_right = (kind != "linear") != through_t
-    kron = None
-    if all(isinstance(f, fx.Node) and call_kind(f) == "kron_sum" for f in (a, b)):
-        kron = (*a.args[:2], *b.args[:2])
+    structure, a_factors, b_factors = factor_structure(a, b)
     return Match(node, kind, compose, weight, x, w0, bias, addend, a, b, scale, c_as_right,
-                 transposed != c_as_right, kron)
+                 transposed != c_as_right, structure, a_factors, b_factors)

@@ -1,0 +1,76 @@
+"""``lsrfx::kron_sum``: ``sum_k kron(P[k], Q[k])``, how LSR-Adapt builds its ``A`` and ``B``.
+
+Marking the Kronecker sum as an op lets the compile pass hand the small factors straight to ``lsrfx::lsr_linear``
+instead of the dense ``A`` and ``B``. This is the one place the Kronecker-sum math and its gradient live: the op's
+body and autograd, ``lsr_linear``'s reference and backward, and the ONNX translation all use it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from lsrfx.utils import quiet_logger
+
+
+def kron_sum_reference(p: Tensor, q: Tensor) -> Tensor:
+    """``sum_k kron(P[k], Q[k])`` for ``P: (S, m1, n1)``, ``Q: (S, m2, n2)`` -> ``(m1*m2, n1*n2)``.
+
+    Written as a broadcast product summed over ``S`` so that Inductor makes it one reduction kernel writing the
+    Kronecker layout directly (an ``einsum`` lowers to a batched matmul plus permute copies)."""
+    _, m1, n1 = p.shape
+    _, m2, n2 = q.shape
+    return (p[:, :, None, :, None] * q[:, None, :, None, :]).sum(0).reshape(m1 * m2, n1 * n2)
+
+
+def kron_sum_grads(grad: Tensor, p: Tensor, q: Tensor, need_p: bool = True,
+                   need_q: bool = True) -> tuple[Tensor | None, Tensor | None]:
+    """Chain ``grad`` of ``M = sum_k kron(P[k], Q[k])`` to ``(grad_P, grad_Q)`` (``None`` where not needed): one
+    broadcast-product reduction each, for the same reason as :func:`kron_sum_reference`."""
+    _, m1, n1 = p.shape
+    _, m2, n2 = q.shape
+    g = grad.reshape(1, m1, m2, n1, n2)
+    grad_p = (g * q[:, None, :, None, :]).sum((2, 4)) if need_p else None
+    grad_q = (g * p[:, :, None, :, None]).sum((1, 3)) if need_q else None
+    return grad_p, grad_q
+
+
+def _kron_sum(p: Tensor, q: Tensor) -> Tensor:
+    """Sum of Kronecker products; see :func:`kron_sum_reference`."""
+    return kron_sum_reference(p, q)
+
+
+# A triton_op without Triton kernels, so that Inductor compiles its body where the op stays in a graph (a
+# materialised layer) instead of calling it eagerly; triton_op warns that it finds no kernels when triton is
+# not installed, hence the quiet logger.
+with quiet_logger("torch._library.triton"):
+    kron_sum = torch.library.triton_op("lsrfx::kron_sum", _kron_sum, mutates_args=())
+
+
+@kron_sum.register_fake
+def _(p: Tensor, q: Tensor) -> Tensor:
+    return p.new_empty(p.shape[1] * q.shape[1], p.shape[2] * q.shape[2])
+
+
+def _setup_context(ctx, inputs: tuple, output: Tensor) -> None:
+    ctx.save_for_backward(*inputs)
+
+
+def _backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:
+    p, q = ctx.saved_tensors
+    return kron_sum_grads(grad, p, q, need_p=ctx.needs_input_grad[0], need_q=ctx.needs_input_grad[1])
+
+
+kron_sum.register_autograd(_backward, setup_context=_setup_context)
+
+
+def kron_sum_onnx(p, q):
+    """ONNX translation (traced onnxscript, standard ops only) of :func:`kron_sum_reference`. onnxscript is
+    imported here, not at module level, so ``import lsrfx`` does not need it."""
+    from onnxscript import opset18 as op
+
+    blocks = op.Einsum(p, q, equation="sik,sjl->ijkl")  # (m1, m2, n1, n2)
+    dims = op.Shape(blocks)
+    rows = op.ReduceProd(op.Slice(dims, [0], [2]), keepdims=1)
+    cols = op.ReduceProd(op.Slice(dims, [2], [4]), keepdims=1)
+    return op.Reshape(blocks, op.Concat(rows, cols, axis=0))
