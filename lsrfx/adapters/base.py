@@ -108,3 +108,15 @@ def check_rank(spec: LayerSpec, r: int, method: str) -> None:
             f"{method}: rank r={r} is impossible for layer '{spec.name}' (weight {spec.shape_text}); "
             f"use 1 <= r <= {limit} or leave this layer out of `targets`."
         )
+
+
+@dataclass
+class RankConfig(AdapterConfig):
+    """Base of the configs whose update is one rank-``r`` product scaled by ``alpha / r`` with LoRA's defaults
+    (``r = alpha = 8``): LoRA and CondLoRA."""
+
+    r: int = rank_field(8)
+    alpha: float = alpha_field(8.0)
+
+    def check(self, spec: LayerSpec) -> None:
+        check_rank(spec, self.r, self.method)

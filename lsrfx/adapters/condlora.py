@@ -20,20 +20,15 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from lsrfx.adapters.base import Adapter, AdapterConfig, LayerSpec, alpha_field, check_rank, rank_field
+from lsrfx.adapters.base import Adapter, LayerSpec, RankConfig
 from lsrfx.errors import LsrfxError
 
 
 @dataclass
-class CondLoRAConfig(AdapterConfig):
+class CondLoRAConfig(RankConfig):
     """CondLoRA's options (paper: r = alpha = 8)."""
 
     method = "condlora"
-    r: int = rank_field(8)
-    alpha: float = alpha_field(8.0)
-
-    def check(self, spec: LayerSpec) -> None:
-        check_rank(spec, self.r, "condlora")
 
     def build(self, specs: list[LayerSpec]) -> list[Adapter]:
         groups: dict[tuple, ConversionPair] = {}

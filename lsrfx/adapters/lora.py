@@ -11,19 +11,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from lsrfx.adapters.base import Adapter, AdapterConfig, LayerSpec, alpha_field, check_rank, rank_field
+from lsrfx.adapters.base import Adapter, LayerSpec, RankConfig
 
 
 @dataclass
-class LoRAConfig(AdapterConfig):
+class LoRAConfig(RankConfig):
     """LoRA's options (LoRA paper, RoBERTa GLUE: r = alpha = 8)."""
 
     method = "lora"
-    r: int = rank_field(8)
-    alpha: float = alpha_field(8.0)
-
-    def check(self, spec: LayerSpec) -> None:
-        check_rank(spec, self.r, "lora")
 
     def build_one(self, spec: LayerSpec) -> Adapter:
         return LoRAAdapter(spec, self)
