@@ -32,17 +32,17 @@ printed at the end.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from train_step import fuse_policy  # bench/ is on sys.path when run as a script
 
 import lsrfx
 from lsrfx.kernels import dispatch
@@ -170,21 +170,6 @@ def build_model(case: Case, dtype: torch.dtype, device: str) -> nn.Module:
                           max_position_embeddings=case.seq)
         model = LlamaModel(cfg)
     return model.to(device=device, dtype=dtype).train()
-
-
-@contextlib.contextmanager
-def fuse_policy(value: str | None) -> Iterator[None]:
-    """``LSRFX_FUSE`` while a variant compiles (the pass reads it at compile time)."""
-    previous = os.environ.get("LSRFX_FUSE")
-    if value is not None:
-        os.environ["LSRFX_FUSE"] = value
-    try:
-        yield
-    finally:
-        if previous is None:
-            os.environ.pop("LSRFX_FUSE", None)
-        else:
-            os.environ["LSRFX_FUSE"] = previous
 
 
 def step_variants(case: Case, dtype: torch.dtype, device: str) -> dict[str, tuple[Callable[[], nn.Module], str | None]]:

@@ -41,6 +41,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 from torch._dynamo.utils import counters
+from train_step import profiled_peak_mb  # bench/ is on sys.path when run as a script
 
 import lsrfx
 
@@ -114,27 +115,8 @@ def count(variant: str, fuse: str, args: argparse.Namespace) -> tuple[dict, Coun
     row["recompiles"] = counters["stats"]["unique_graphs"] - graphs
     row["fused"], row["mat."] = counters["lsrfx"]["fused"], counters["lsrfx"]["materialised"]
     if args.memory:
-        row["peak MB"] = f"{peak_mb(step):.1f}"
+        row["peak MB"] = f"{profiled_peak_mb(step):.1f}"
     return row, generated
-
-
-def peak_mb(step: Callable[[], None]) -> float:
-    """Peak of the running sum of CPU allocations (+) and frees (-) during ``step``, in MB."""
-    from torch._C._profiler import _EventType
-
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
-        step()
-    events, todo = [], list(prof.profiler.kineto_results.experimental_event_tree())
-    while todo:
-        e = todo.pop()
-        todo.extend(e.children)
-        if e.tag == _EventType.Allocation and e.extra_fields.device.type == "cpu":
-            events.append((e.start_time_ns, e.extra_fields.alloc_size))
-    running = peak = 0
-    for _, size in sorted(events):
-        running += size
-        peak = max(peak, running)
-    return peak / 2**20
 
 
 def main() -> None:

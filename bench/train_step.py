@@ -214,7 +214,7 @@ def _graphs() -> int:
 # ---------------------------------------------------------------------------------------------------- measurements
 
 
-def _profiled_peak_mb(step: Callable[[], None]) -> float:
+def profiled_peak_mb(step: Callable[[], None]) -> float:
     """Peak of the running sum of CPU allocations (+) and frees (-) during ``step``, in MB."""
     from torch._C._profiler import _EventType
     from torch.profiler import ProfilerActivity, profile
@@ -244,7 +244,7 @@ def peak_memory_mb(step: Callable[[], None], device: str) -> float:
         step()
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - start) / 2**20
-    return _profiled_peak_mb(step)
+    return profiled_peak_mb(step)
 
 
 def count_launches(step: Callable[[], None]) -> tuple[int, Counter, Counter, frozenset[str]]:
