@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from lsrfx import passes, state_dict_hooks
+from lsrfx import passes, quantized_base, state_dict_hooks
 from lsrfx.adapters import AdapterConfig, LayerSpec, make_config
 from lsrfx.errors import LsrfxError
 from lsrfx.parametrization import AdaptedWeight, adapted_layers, adapter_parameters, give_private_class
@@ -97,7 +97,8 @@ def adapt(
     specs = [layer_spec(n, modules[n]) for n in names]
     for spec in specs:
         config.check(spec)
-        _check_finite(spec, modules[spec.name].weight)
+        quantized_base.check_quantized_base(spec, modules[spec.name].weight)
+        _check_finite(spec, quantized_base.dense(modules[spec.name].weight))
     trainable_names = match_parameter_names(root, trainable)
     adapters = config.build(specs)
 
@@ -107,8 +108,12 @@ def adapt(
     for n in frozen:
         params[n].requires_grad_(False)
     for spec, adapter in zip(specs, adapters, strict=True):
-        parametrize.register_parametrization(modules[spec.name], "weight", AdaptedWeight(adapter, spec.transposed))
-        state_dict_hooks.install_hooks(modules[spec.name])
+        module = modules[spec.name]
+        quantized = quantized_base.is_quantized(module.weight)
+        parametrize.register_parametrization(module, "weight", AdaptedWeight(adapter, spec.transposed, quantized))
+        if quantized:
+            quantized_base.install_quantized_forward(module)
+        state_dict_hooks.install_hooks(module)
     state = AdaptState(config, names, trainable_names, targets, frozen)
     object.__setattr__(root, STATE_ATTR, state)
     start_recording(model)
@@ -139,9 +144,14 @@ def merge(model: ModelT) -> ModelT:
     """Fold every adapter into its weight (``W0 + dW``, exact) and remove all lsrfx objects; returns ``model``.
 
     The result is a plain model with the same outputs as the adapted one; parameters that ``adapt`` froze are
-    trainable again. Works on plain and compiled models, in place.
+    trainable again. Works on plain and compiled models, in place. A quantized (torchao) base is folded into its
+    dequantised weight: those layers become float layers holding ``dequantize(W0) + dW`` (exact, not re-quantised;
+    :mod:`lsrfx.quantized_base` says why and what re-quantising would cost).
     """
-    _check_merged_finite(list(adapted_layers(unwrap(model))))
+    layers = list(adapted_layers(unwrap(model)))
+    _check_merged_finite(layers)
+    for _, module, _ in layers:
+        quantized_base.dequantize_base(module)
     remove_adapters(model, fold=True)
     return model
 
@@ -174,7 +184,7 @@ def _check_merged_finite(layers: list[tuple[str, nn.Module, AdaptedWeight]]) -> 
             merged = module.weight
             if merged.is_meta or bool(torch.isfinite(merged).all()):
                 continue
-            w0 = module.parametrizations["weight"].original
+            w0 = quantized_base.dense(module.parametrizations["weight"].original)
             source = "the base weight" if not bool(torch.isfinite(w0).all()) else "the adapter update"
             bad.append(f"'{name}' ({int((~torch.isfinite(merged)).sum())} entries, from {source})")
     if bad:

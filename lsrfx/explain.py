@@ -85,6 +85,7 @@ def explain(model: nn.Module, *example_inputs: Any, graphs: bool = False, **kwar
     forward fails on the inputs."""
     from lsrfx.passes.cost_model import MEASURED_RULE, policy
     from lsrfx.passes.fuse import fuse_adapted_linears
+    from lsrfx.quantized_base import quantized_layers
     from lsrfx.utils import unwrap
 
     root = unwrap(model)
@@ -104,6 +105,13 @@ def explain(model: nn.Module, *example_inputs: Any, graphs: bool = False, **kwar
             out.append(f"--- captured graph (before) ---\n{_marked(original, _before_marks(original, decisions))}")
             if decisions:
                 out.append(f"--- after the lsrfx pass ---\n{_marked(gm.graph, _after_marks(gm.graph))}")
+    quantized = quantized_layers(root)
+    if quantized:
+        out.append(f"\n=== {len(quantized)} adapted layer(s) over a quantized base: not fused ===")
+        out.append("  torchao's kernel computes x @ W0.T on the quantized weight and the low-rank term "
+                   "scale * (x @ A.T) @ B.T is added beside it (lsrfx's fused kernels read a dense W0); "
+                   "W0 + dW is never formed.")
+        out += [f"  {name}: {scheme}" for name, scheme in quantized.items()]
     out.append("\n=== graph breaks ===")
     out += [f"  {b}" for b in breaks] or ["  none"]
     out.append(f"\nfused ops: {total_fused} of {total_adapted} adapted node(s)")

@@ -23,10 +23,13 @@ from lsrfx.kernels.compose import compose
 class AdaptedWeight(nn.Module):
     """Parametrization ``W0 -> W0 + scale * B @ A`` (delta transposed for ``(in, out)``-stored weights)."""
 
-    def __init__(self, adapter: Adapter, transposed: bool) -> None:
+    def __init__(self, adapter: Adapter, transposed: bool, quantized: bool = False) -> None:
         super().__init__()
         self.adapter = adapter
         self.transposed = transposed
+        # W0 is a quantized (torchao) tensor: read it dequantised. A plain bool fixed by ``adapt`` (a constant for
+        # Dynamo: inspecting the tensor's type while tracing would hide the ``compose`` pattern from the pass).
+        self.quantized = quantized
 
     def forward(self, weight: Tensor) -> Tensor:
         # Under autocast the adapted weight is still computed at the master precision, like a plain parameter's
@@ -39,6 +42,8 @@ class AdaptedWeight(nn.Module):
         return self._compose(weight)
 
     def _compose(self, weight: Tensor) -> Tensor:
+        if self.quantized:
+            weight = weight.dequantize()
         a, b = self.adapter.factors(weight.t() if self.transposed else weight)
         return compose(weight, a, b, self.adapter.scale, self.transposed)
 

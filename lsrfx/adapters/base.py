@@ -44,6 +44,8 @@ class Adapter(nn.Module, abc.ABC):
 
     rank: int
     scale: float
+    # Whether ``factors`` reads the frozen weight's values (CondLoRA); a quantized base is then dequantised for it.
+    reads_base_weight: ClassVar[bool] = False
 
     def __init__(self, spec: LayerSpec) -> None:
         super().__init__()

@@ -78,6 +78,8 @@ class CondLoRAAdapter(Adapter):
     ``copy.deepcopy`` of the model keeps one pair per group (its memo maps the reference to the copied owner's).
     """
 
+    reads_base_weight = True  # A = C_A W0 and B = W0 C_B.T
+
     def __init__(self, spec: LayerSpec, config: CondLoRAConfig, pair: ConversionPair, owns_pair: bool = True) -> None:
         super().__init__(spec)
         self.rank, self.scale = config.r, config.alpha / config.r

@@ -31,6 +31,7 @@ from lsrfx.adapters import make_config
 from lsrfx.api import adapt, adapt_state, remove_adapters
 from lsrfx.errors import LsrfxError
 from lsrfx.parametrization import adapted_layers, adapter_parameters, base_weight
+from lsrfx.quantized_base import scheme
 from lsrfx.utils import atomic_write, unwrap
 
 FORMAT = "lsrfx-adapters"
@@ -65,10 +66,16 @@ def _is_writer() -> bool:
 
 
 def fingerprint(weight: Tensor) -> dict[str, Any]:
-    """Shape, dtype and SHA-256 of a base weight's bytes: any changed value, layout or precision changes it."""
-    data = _full(weight).reshape(-1).view(torch.uint8).numpy()
-    return {"shape": list(weight.shape), "dtype": str(weight.dtype).removeprefix("torch."),
-            "sha256": hashlib.sha256(data.tobytes()).hexdigest()}
+    """Shape, dtype and SHA-256 of a base weight's bytes: any changed value, layout or precision changes it. A
+    quantized (torchao) weight is hashed over its inner tensors (int data, scales) and adds its ``quantization``."""
+    quantization = scheme(weight)
+    parts = [weight] if quantization is None else [getattr(weight, n) for n in weight.__tensor_flatten__()[0]]
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(_full(part).reshape(-1).view(torch.uint8).numpy().tobytes())
+    found = {"shape": list(weight.shape), "dtype": str(weight.dtype).removeprefix("torch."),
+             "sha256": digest.hexdigest()}
+    return found if quantization is None else {**found, "quantization": quantization}
 
 
 def _serialisable_targets(targets: Any) -> Any:
@@ -129,7 +136,9 @@ def load_adapters(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     """Load adapters saved by :func:`save_adapters` into ``model`` (plain or compiled) and return ``model``.
 
     A model without adapters is adapted from the saved config first (``lsrfx.adapt``, which also installs the
-    compile pass); an adapted one must match it. Fails with
+    compile pass); an adapted one must match it, and its adapter tensors are overwritten in place, so a compiled
+    model keeps its compiled code (hot-swap: no recompilation; the way to serve several adapters from one compiled
+    base, tested over fp32 and int8 bases). Fails with
     an :class:`LsrfxError`, leaving the model unchanged, when the tensor file does not match its recorded SHA-256
     (damaged), when the base weights differ from the ones the adapters were trained on (fingerprint), or when
     method, options, layers or tensor shapes disagree.
@@ -206,8 +215,13 @@ def _check_base(root: nn.Module, layers: dict[str, dict]) -> None:
         weight = base_weight(module) if parametrize.is_parametrized(module, "weight") else module.weight
         found = fingerprint(weight)
         if found != saved:
-            what = ("shape/dtype " + f"{found['shape']} {found['dtype']} vs saved {saved['shape']} {saved['dtype']}"
-                    if found["shape"] != saved["shape"] or found["dtype"] != saved["dtype"] else "values")
+            if found.get("quantization") != saved.get("quantization"):
+                what = (f"quantization {found.get('quantization', 'none')} vs saved "
+                        f"{saved.get('quantization', 'none')}: adapters are tied to the exact W0 they trained on")
+            elif found["shape"] != saved["shape"] or found["dtype"] != saved["dtype"]:
+                what = f"shape/dtype {found['shape']} {found['dtype']} vs saved {saved['shape']} {saved['dtype']}"
+            else:
+                what = "values"
             raise LsrfxError(
                 f"base weight of layer '{name}' differs from the one these adapters were trained on ({what}); "
                 "load them into the same base model (same checkpoint, dtype and layout) they were saved from."
@@ -216,9 +230,16 @@ def _check_base(root: nn.Module, layers: dict[str, dict]) -> None:
 
 def _check_same_adaptation(state, saved_config, layers: list[str]) -> None:
     if state.config != saved_config:
+        if state.config.method != saved_config.method:
+            what = f"method {state.config.method!r} in the model, {saved_config.method!r} in the files"
+        else:
+            ours, theirs = state.config.options(), saved_config.options()
+            what = ", ".join(f"{k}={ours[k]!r} in the model, {theirs[k]!r} in the files"
+                             for k in ours if ours[k] != theirs.get(k))
         raise LsrfxError(
-            f"the model is adapted with {state.config} but the saved adapters use {saved_config}; load into a "
-            "model adapted the same way, or into the plain base model (it is then adapted from the saved config)."
+            f"the model is adapted with {state.config} but the saved adapters use {saved_config} ({what}); the "
+            "model is unchanged. Load into a model adapted the same way, or into the plain base model (it is then "
+            "adapted from the saved config)."
         )
     if list(state.layers) != layers:
         missing = sorted(set(layers) - set(state.layers))

@@ -31,6 +31,7 @@ from lsrfx.errors import LsrfxError
 from lsrfx.export import inputs as inp
 from lsrfx.export import verify as ver
 from lsrfx.export.clone import independent_copy
+from lsrfx.quantized_base import dequantize_all
 from lsrfx.utils import first_line, quiet_logger, unwrap
 
 # Logs the exporter's registry warnings about optional torchvision ops, which lsrfx never uses.
@@ -82,8 +83,9 @@ def merge_and_export(
     :mod:`lsrfx.export.verify` (fp32: 1e-4 x max(1, max |output|)); nothing is written then. A bfloat16 model
     cannot be verified with onnxruntime's CPU provider: ``verify=True`` then raises before exporting (pass
     ``verify=False``, or export a float32 copy). ``merge=False`` keeps the adapter tensors separate in the graph.
-    Graph outputs are named after the model's output fields (``logits``). The caller's model is left as it was,
-    adapted and trainable.
+    Graph outputs are named after the model's output fields (``logits``). A quantized (torchao) base is exported as
+    its dequantised float weights (ONNX has no torchao kernels), adapters folded in, and verified against the
+    quantized model's own outputs. The caller's model is left as it was, adapted and trainable.
     """
     path = Path(path)
     workdir = _workdir(path)
@@ -103,6 +105,7 @@ def merge_and_export(
                                 if t.is_floating_point()})
         if merge:
             merge_adapters(clone)
+        dequantize_all(clone)  # ONNX has no torchao kernels: a quantized base exports as its float weights
         program = _export(clone, inputs, dynamic=dynamic, opset=opset, merge=merge,
                           output_names=ver.output_names(outputs))
         staged = workdir / path.name
