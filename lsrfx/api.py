@@ -204,24 +204,36 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 
 
 def summary(model: nn.Module) -> str:
-    """A table of the adapted layers (method, weight shape, rank, trainable adapter parameters) and the total as a
-    share of the base model. Shared parameters (CondLoRA) are counted at the first layer that uses them."""
+    """A table of the adapted layers (method, weight shape and any quantization of W0, rank, trainable adapter
+    parameters, dW's effective rank) and the total as a share of the base model. Shared parameters (CondLoRA) are
+    counted at the first layer that uses them. "dW eff. rank" is the effective rank of the layer's current update: exp of the entropy of dW's
+    normalised singular values (:func:`lsrfx.diagnostics.effective_rank`); at most the adapter's rank, 0.0 while
+    dW = 0 (right after ``adapt``), "-" for a layer still on the ``meta`` device, "nan" if dW is not finite."""
+    import math
+
+    from lsrfx.diagnostics import delta_effective_ranks  # local: this function is its only user here
+
     root = unwrap(model)
     state = adapt_state(root)
     if state is None:
         return "lsrfx: this model has no adapters."
     seen: set[int] = set()
     rows = []
+    eff_ranks = delta_effective_ranks(root)
     for name, module, param in adapted_layers(root):
         spec = layer_spec(name, module)
         new = [p for p in param.adapter.parameters() if id(p) not in seen]
         seen.update(id(p) for p in new)
         shared = "" if len(new) == len(list(param.adapter.parameters())) else " (shared)"
-        rows.append((name, state.config.method, spec.shape_text, str(param.adapter.rank),
-                     f"{sum(p.numel() for p in new):,}{shared}"))
+        eff = eff_ranks[name]
+        eff_text = f"{eff:.1f}" if not math.isnan(eff) else "-" if spec.device.type == "meta" else "nan"
+        quantized = quantized_base.scheme(module.parametrizations["weight"].original)
+        weight = spec.shape_text + (f" ({quantized})" if quantized else "")  # e.g. "384 x 384 (Int8Tensor)"
+        rows.append((name, state.config.method, weight, str(param.adapter.rank),
+                     f"{sum(p.numel() for p in new):,}{shared}", eff_text))
     n_adapter, n_base = count_parameters(root)
     n_trainable_base = sum(p.numel() for n, p in root.named_parameters() if n in state.trainable)
-    header = ("layer", "method", "weight", "rank", "adapter params")
+    header = ("layer", "method", "weight", "rank", "adapter params", "dW eff. rank")
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     line = "  ".join(f"{{:<{w}}}" for w in widths)
     out = [line.format(*header).rstrip(), line.format(*("-" * w for w in widths))]
