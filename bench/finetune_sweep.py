@@ -54,13 +54,13 @@ def main() -> None:
                 out=Path(tmp) / "out", methods=[method], seeds=args.seeds, options={method: options},
                 epochs=args.epochs, lr=lr, head_lr=head_lr, compile=False, export=False), log=lambda *a: None)
         runs = report["runs"]
-        val = [r["validation"][-1]["accuracy"] for r in runs]
+        val = [r["best_validation"]["accuracy"] for r in runs]  # the kept (best) epoch's
         row = {
             "spec": spec, "method": method, "lr": lr, "head_lr": head_lr, "options": options,
             "epochs": args.epochs, "seeds": args.seeds, "adapter_params": runs[0]["adapter_params"],
             "val_acc_mean": statistics.fmean(val), "val_acc_std": statistics.stdev(val) if len(val) > 1 else 0.0,
             "val_acc_by_epoch": [statistics.fmean(r["validation"][e]["accuracy"] for r in runs)
-                                 for e in range(args.epochs)],
+                                 for e in range(min(len(r["validation"]) for r in runs))],  # early stops
             "step_ms": 1000 * statistics.median(r["step_time_s"] for r in runs),
             "seconds": time.perf_counter() - t0,
         }

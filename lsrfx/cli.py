@@ -141,7 +141,17 @@ def add_finetune(p: argparse.ArgumentParser) -> None:
     which.add_argument("--compare", nargs="+", metavar="METHOD", help="run several methods and compare them")
     add_method_options(p)
     t = p.add_argument_group("training")
-    t.add_argument("--epochs", type=int, default=defaults.EPOCHS, help="default: %(default)s")
+    t.add_argument("--epochs", type=int, default=defaults.EPOCHS, help="planned epochs: the learning-rate "
+                   "schedule's length; the epoch with the best validation accuracy (ties: lower validation loss) is "
+                   "kept, tested and exported (default: %(default)s)")
+    t.add_argument("--patience", type=int, default=defaults.PATIENCE, metavar="N", help="stop once N epochs "
+                   "have passed without a better validation score than the kept epoch's; 0: train all --epochs "
+                   "(default: %(default)s)")
+    t.add_argument("--warmup", type=float, default=defaults.WARMUP_FRACTION, metavar="FRACTION",
+                   help="share of the planned steps with a linear learning-rate warm-up, in [0, 1), then linear "
+                   "decay to 0; 0: no warm-up (default: %(default)g)")
+    t.add_argument("--weight-decay", type=float, default=defaults.WEIGHT_DECAY, metavar="X",
+                   help="AdamW weight decay of the adapters and the head, >= 0 (default: %(default)g)")
     t.add_argument("--lr", type=float, help="adapter learning rate (default: per method, "
                    + ", ".join(f"{k} {v:g}" for k, v in defaults.ADAPTER_LR.items()) + ")")
     t.add_argument("--head-lr", type=float, default=defaults.HEAD_LR, help="classification head learning rate "
@@ -154,6 +164,10 @@ def add_finetune(p: argparse.ArgumentParser) -> None:
     seeds = t.add_mutually_exclusive_group()
     seeds.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     seeds.add_argument("--seeds", type=int, nargs="+", metavar="SEED", help="several seeds: mean +- std per method")
+    t.add_argument("--quantize", choices=["none", "int8"], default="none",
+                   help="quantize the frozen encoder's linear layers before adapting: int8 = torchao "
+                   "Int8WeightOnlyConfig (QLoRA-style; needs the lsrfx[quant] extra); the head stays fp32 and the "
+                   "export is the merged float model (default: %(default)s)")
     t.add_argument("--compile", action=argparse.BooleanOptionalAction, default=defaults.COMPILE,
                    help="train through torch.compile and the lsrfx pass (default: off; on a 2-core CPU compiling "
                    "took minutes and steps were no faster, see README)")
@@ -257,9 +271,11 @@ def finetune(args: argparse.Namespace) -> int:
     out = args.out or Path("lsrfx-out") / time.strftime("finetune-%Y%m%d-%H%M%S")
     settings = FinetuneSettings(
         out=out, methods=methods, seeds=args.seeds or [args.seed], model_dir=args.model, data_path=args.data,
-        targets=args.targets, options=method_options(args, methods), epochs=args.epochs, batch_size=args.batch_size,
+        targets=args.targets, options=method_options(args, methods), epochs=args.epochs, patience=args.patience,
+        warmup=args.warmup, weight_decay=args.weight_decay, batch_size=args.batch_size,
         lr=args.lr, head_lr=args.head_lr, max_length=args.max_length, validation_fraction=args.validation_fraction,
-        compile=args.compile, export=args.export, overwrite=args.overwrite, command=command_line(),
+        quantize=args.quantize, compile=args.compile, export=args.export, overwrite=args.overwrite,
+        command=command_line(),
     )
     run_finetune(settings)
     return 0

@@ -100,6 +100,9 @@ def test_compare_writes_well_formed_reports(tiny_model, tiny_csv, tmp_path, caps
     data = load_data(tiny_csv, seed=0)
     assert report["splits"] == {"train": len(data.train), "validation": len(data.validation), "test": len(data.test)}
     assert report["labels"] == sorted(CLASSES)
+    assert {k: report["settings"][k] for k in ("epochs", "patience", "warmup", "weight_decay")} == {
+        "epochs": 2, "patience": defaults.PATIENCE, "warmup": defaults.WARMUP_FRACTION,
+        "weight_decay": defaults.WEIGHT_DECAY}
     assert [r["method"] for r in report["summary"]] == ["lora", "lsr"]
     assert [(r["method"], r["seed"]) for r in report["runs"]] == [("lora", 0), ("lora", 1), ("lsr", 0), ("lsr", 1)]
     steps = 2 * math.ceil(len(data.train) / 8)
@@ -107,7 +110,8 @@ def test_compare_writes_well_formed_reports(tiny_model, tiny_csv, tmp_path, caps
         assert run["adapter_params"] == fresh_adapter_params(tiny_model, run["method"], len(CLASSES))
         assert run["head_params"] == 32 * len(CLASSES) + len(CLASSES)
         assert len(run["losses"]) == steps and all(math.isfinite(v) for v in run["losses"])
-        assert [v["epoch"] for v in run["validation"]] == [1, 2]
+        assert [v["epoch"] for v in run["validation"]] == [1, 2] and run["stopped_epoch"] == 2
+        assert run["best_validation"] == run["validation"][run["best_epoch"] - 1]
         assert run["test"]["n"] == len(data.test)
         assert 0.0 <= run["test"]["accuracy"] <= 1.0 and run["step_time_s"] > 0
         assert (out / f"{run['method']}-seed{run['seed']}").is_dir()

@@ -16,14 +16,21 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+def kept_validation(run: dict) -> dict:
+    """The validation scores of the epoch whose state a run kept (tested, saved, exported): ``best_validation``;
+    in reports written before best-epoch selection, the last epoch's."""
+    return run.get("best_validation") or run["validation"][-1]
+
+
 def summarise(runs: list[dict]) -> list[dict]:
-    """One row per method, in the order first run: accuracy mean/std over seeds, parameters, median step time."""
+    """One row per method, in the order first run: accuracy mean/std over seeds (validation: the kept epoch's),
+    parameters, kept and last epochs per seed, median step time."""
     methods = list(dict.fromkeys(r["method"] for r in runs))
     rows = []
     for method in methods:
         rs = [r for r in runs if r["method"] == method]
         test_mean, test_std = mean_std([r["test"]["accuracy"] for r in rs])
-        val_mean, val_std = mean_std([r["validation"][-1]["accuracy"] for r in rs])
+        val_mean, val_std = mean_std([kept_validation(r)["accuracy"] for r in rs])
         rows.append({
             "method": method,
             "seeds": [r["seed"] for r in rs],
@@ -35,6 +42,8 @@ def summarise(runs: list[dict]) -> list[dict]:
             "test_accuracy_std": test_std,
             "validation_accuracy_mean": val_mean,
             "validation_accuracy_std": val_std,
+            "best_epochs": [kept_validation(r)["epoch"] for r in rs],
+            "stopped_epochs": [r.get("stopped_epoch", r["validation"][-1]["epoch"]) for r in rs],
             "step_time_ms_median": 1000 * statistics.median(r["step_time_s"] for r in rs),
             "train_seconds_mean": statistics.fmean(r["train_seconds"] for r in rs),
         })
@@ -44,15 +53,17 @@ def summarise(runs: list[dict]) -> list[dict]:
 def format_table(summary: list[dict]) -> str:
     """A Markdown table of the summary (also what the CLI prints)."""
     lines = [
-        "| method | adapter params | test acc (mean +- std) | val acc | step time (ms) | seeds |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| method | adapter params | test acc (mean +- std) | val acc (kept epoch) | kept epoch | step time (ms) "
+        "| seeds |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for row in summary:
+        kept = row.get("best_epochs")
         lines.append(
             f"| {row['method']} | {row['adapter_params']:,} | "
             f"{100 * row['test_accuracy_mean']:.2f} +- {100 * row['test_accuracy_std']:.2f} | "
             f"{100 * row['validation_accuracy_mean']:.2f} +- {100 * row['validation_accuracy_std']:.2f} | "
-            f"{row['step_time_ms_median']:.0f} | {len(row['seeds'])} |"
+            f"{', '.join(map(str, kept)) if kept else '-'} | {row['step_time_ms_median']:.0f} | {len(row['seeds'])} |"
         )
     return "\n".join(lines)
 
@@ -91,7 +102,11 @@ def write_plot(path: Path, report: dict) -> None:
         val = run["validation"]
         ax_loss.plot([v["step"] for v in val], [v["loss"] for v in val], "o--", color=c, ms=3, lw=1,
                      label=f"{run['method']} validation" if first else None)
-    ax_loss.set(xlabel="step", ylabel="cross-entropy", title="Loss (train: moving average of 10 steps)")
+        kept = kept_validation(run)
+        ax_loss.plot([kept["step"]], [kept["loss"]], "*", color=c, ms=10,
+                     label=f"{run['method']} kept epoch" if first else None)
+    ax_loss.set(xlabel="step", ylabel="cross-entropy",
+                title="Loss (train: moving average of 10 steps; star: kept epoch)")
     ax_loss.legend(fontsize=8)
     for row in summary:
         c = colours[row["method"]]

@@ -4,6 +4,7 @@ validation then test, save the adapters and export a merged ONNX model; then wri
 from __future__ import annotations
 
 import dataclasses
+import math
 import platform
 import sys
 import time
@@ -26,9 +27,11 @@ from lsrfx.finetune.outdir import check_out_dir, staged_output
 from lsrfx.finetune.report import format_table, summarise, write_json, write_plot
 from lsrfx.finetune.train import TrainSettings, train
 from lsrfx.parametrization import adapter_parameters
+from lsrfx.quantized_base import storage_bytes
 from lsrfx.utils import unwrap
 
 EVAL_BATCH_SIZE = 128
+QUANTIZE = ("none", "int8")  # --quantize choices
 
 
 @dataclass
@@ -42,12 +45,16 @@ class FinetuneSettings:
     data_path: Path | None = None
     targets: list[str] | None = None
     options: dict[str, dict[str, Any]] = field(default_factory=dict)  # per method
-    epochs: int = defaults.EPOCHS
+    epochs: int = defaults.EPOCHS  # planned: the schedule's length; early stopping may end a run sooner
+    patience: int = defaults.PATIENCE  # 0: no early stopping
+    warmup: float = defaults.WARMUP_FRACTION  # share of the planned steps
+    weight_decay: float = defaults.WEIGHT_DECAY
     batch_size: int = defaults.BATCH_SIZE
     lr: float | None = None  # adapter learning rate; None: the per-method default
     head_lr: float = defaults.HEAD_LR
     max_length: int = defaults.MAX_LENGTH
     validation_fraction: float = defaults.VALIDATION_FRACTION
+    quantize: str = "none"  # "int8": the encoder's linear layers quantized (torchao int8 weight-only) before adapt
     compile: bool = defaults.COMPILE
     export: bool = True
     overwrite: bool = False
@@ -72,14 +79,26 @@ def check_settings(s: FinetuneSettings) -> None:
         make_config(method, s.options.get(method, {}))
         s.adapter_lr(method)
     for name, value, low in (("--epochs", s.epochs, 1), ("--batch-size", s.batch_size, 1),
-                             ("--max-length", s.max_length, 4)):
+                             ("--max-length", s.max_length, 4), ("--patience", s.patience, 0)):
         if value < low:
             raise FinetuneError(f"{name} must be >= {low} (got {value}).")
     for name, value in (("--lr", s.lr), ("--head-lr", s.head_lr)):
         if value is not None and not value > 0:
             raise FinetuneError(f"{name} must be > 0 (got {value}).")
+    if not 0 <= s.warmup < 1:
+        raise FinetuneError(f"--warmup must be in [0, 1): a share of the planned training steps (got {s.warmup}).")
+    if not (s.weight_decay >= 0 and math.isfinite(s.weight_decay)):
+        raise FinetuneError(f"--weight-decay must be >= 0 (got {s.weight_decay}).")
     if not 0 < s.validation_fraction < 1:
         raise FinetuneError(f"--validation-fraction must be between 0 and 1 (got {s.validation_fraction}).")
+    if s.quantize not in QUANTIZE:
+        raise FinetuneError(f"--quantize must be one of {sorted(QUANTIZE)} (got {s.quantize!r}).")
+    if s.quantize != "none":
+        try:
+            import torchao.quantization  # noqa: F401
+        except ImportError as exc:
+            raise FinetuneError(f"--quantize {s.quantize} needs torchao: pip install 'lsrfx[quant]' "
+                                f"({exc}).") from exc
     if len(set(s.seeds)) != len(s.seeds):
         raise FinetuneError(f"--seeds repeats a seed: {s.seeds}.")
 
@@ -111,8 +130,11 @@ def run_finetune(s: FinetuneSettings, log=print) -> dict:
             "splits": {"train": len(first.train), "validation": len(first.validation), "test": len(first.test)},
             "settings": {
                 "methods": s.methods, "seeds": s.seeds, "targets": s.targets or list(defaults.DEFAULT_TARGETS),
-                "epochs": s.epochs, "batch_size": s.batch_size, "head_lr": s.head_lr, "max_length": s.max_length,
-                "validation_fraction": s.validation_fraction, "compile": s.compile, "export": s.export,
+                "epochs": s.epochs, "patience": s.patience, "warmup": s.warmup, "weight_decay": s.weight_decay,
+                "selection": "best validation accuracy (ties: lower validation loss)",
+                "batch_size": s.batch_size, "head_lr": s.head_lr, "max_length": s.max_length,
+                "validation_fraction": s.validation_fraction, "quantize": s.quantize, "compile": s.compile,
+                "export": s.export,
             },
             "environment": {"python": platform.python_version(), "torch": torch.__version__,
                             "threads": torch.get_num_threads(), "platform": platform.platform()},
@@ -132,6 +154,8 @@ def run_one(s: FinetuneSettings, method: str, seed: int, data: TextData, tokeniz
     torch.manual_seed(seed)
     model = load_classifier(model_dir, data.label_names)
     head = head_name(model)
+    if s.quantize != "none":
+        quantize_encoder(model, s.quantize, head)
     if s.compile:
         model = torch.compile(model)
     options = s.options.get(method, {})
@@ -146,11 +170,14 @@ def run_one(s: FinetuneSettings, method: str, seed: int, data: TextData, tokeniz
     train_data = encode(tokenizer, data.train, s.max_length)
     val_batches = batches(encode(tokenizer, data.validation, s.max_length), EVAL_BATCH_SIZE)
     test_batches = batches(encode(tokenizer, data.test, s.max_length), EVAL_BATCH_SIZE)
-    settings = TrainSettings(s.epochs, s.batch_size, s.adapter_lr(method), s.head_lr)
+    settings = TrainSettings(s.epochs, s.batch_size, s.adapter_lr(method), s.head_lr, weight_decay=s.weight_decay,
+                             warmup=s.warmup, patience=s.patience)
     params = list(adapter_parameters(unwrap(model)).values())
     history = train(model, params, train_data, val_batches, settings, seed=seed, label=f"{method} s{seed}")
-    test = evaluate(model, test_batches)
-    log(f"   validation accuracy {history.validation[-1]['accuracy']:.4f}, test accuracy {test.accuracy:.4f}, "
+    test = evaluate(model, test_batches)  # the kept (best validation) epoch's state, restored by train
+    stopped = (f", stopped early after epoch {history.stopped_epoch}" if history.stopped_epoch < s.epochs else "")
+    log(f"   kept epoch {history.best_epoch} of {s.epochs}{stopped}: validation accuracy "
+        f"{history.best_validation['accuracy']:.4f}, test accuracy {test.accuracy:.4f}, "
         f"median step {1000 * history.median_step_time():.0f} ms")
 
     record = {
@@ -162,16 +189,30 @@ def run_one(s: FinetuneSettings, method: str, seed: int, data: TextData, tokeniz
         "head_params": n_head,
         "base_params": n_base,
         "compiled": s.compile,
+        "quantize": s.quantize,
+        "model_bytes": storage_bytes(unwrap(model)),  # quantized tensors by their int8 data and scales
         "first_step_s": history.step_times[0],
         "step_time_s": history.median_step_time(),
         "train_seconds": history.train_seconds,
         "losses": history.losses,
-        "validation": history.validation,
+        "validation": history.validation,  # every epoch trained
+        "best_epoch": history.best_epoch,  # the epoch whose state was kept, tested, saved and exported
+        "best_validation": history.best_validation,  # that epoch's entry of "validation"
+        "stopped_epoch": history.stopped_epoch,  # the last epoch trained (< settings.epochs: stopped early)
         "test": test.as_dict(),
         "summary": lsrfx.summary(model),
     }
     record.update(save_and_export(model, run_dir, s.export, log))
     return record
+
+
+def quantize_encoder(model: torch.nn.Module, scheme: str, head: str) -> None:
+    """Quantize every linear layer but the classification head (QLoRA-style frozen base), in place."""
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    configs = {"int8": Int8WeightOnlyConfig}
+    quantize_(model, configs[scheme](),
+              filter_fn=lambda m, name: isinstance(m, torch.nn.Linear) and not name.startswith(head))
 
 
 def save_and_export(model, run_dir: Path, export: bool, log) -> dict:
