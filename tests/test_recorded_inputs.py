@@ -1,6 +1,7 @@
 """The inputs ``merge_and_export`` falls back on (``lsrfx/export/recorded_inputs.py``): recorded without a graph
 break or a recompile in either order of ``adapt`` and ``compile``, a few detached rows rather than the caller's
-batch, gone after ``merge``, and enough to export after one forward call in both orders."""
+batch, copied once per call structure (not per step), gone after ``merge``, and enough to export after one forward
+call in both orders."""
 
 from __future__ import annotations
 
@@ -46,12 +47,30 @@ def test_recording_adds_no_graph_break_and_no_recompile(order: str) -> None:
     torch._dynamo.reset()
     counters.clear()
     model = adapted(order)
-    for _ in range(3):
-        x = torch.randn(5, 3, TOY_WIDTH)
+    calls = [torch.randn(5, 3, TOY_WIDTH) for _ in range(3)]
+    for x in calls:
         model(x)
     assert dict(counters["graph_break"]) == {}
     assert counters["stats"]["unique_graphs"] == 1  # one capture, reused: the hook costs no recompile
-    assert torch.equal(latest(model)[0][0], x[:ROWS])  # and it did record, under compile
+    assert torch.equal(latest(model)[0][0], calls[0][:ROWS])  # and it did record, under compile
+
+
+def test_same_structure_is_recorded_once_a_new_structure_again() -> None:
+    """A training loop pays one copy, not one per step; a call of another structure replaces the record."""
+    model = lsrfx.adapt(Masked(), method="lora", r=2)
+    first = torch.randn(6, 3, 4)
+    bias = torch.randn(1, 4)
+    model(first, torch.ones(6, 3), bias, scale=0.5)
+    kept = latest(model)[0][0]
+    model(torch.randn(4, 7, 4), torch.ones(4, 7), bias, scale=0.5)  # other sizes, same structure: nothing copied
+    assert latest(model)[0][0] is kept and torch.equal(kept, first[:ROWS])
+    second = torch.randn(6, 3, 4)
+    model(second, torch.ones(6, 3), bias, scale=2.0)  # another plain argument value: recorded again
+    assert torch.equal(latest(model)[0][0], second[:ROWS]) and latest(model)[1]["scale"] == 2.0
+    third = torch.randn(6, 3, 4, dtype=torch.float64)
+    model.double()
+    model(third, torch.ones(6, 3, dtype=torch.float64), bias.double())  # another dtype, no keyword: recorded again
+    assert latest(model)[0][0].dtype == torch.float64 and latest(model)[1] == {}
 
 
 def test_explain_sees_one_graph_without_breaks() -> None:

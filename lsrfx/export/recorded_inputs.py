@@ -1,8 +1,11 @@
 """Example inputs for ``merge_and_export`` recorded from the model's own forward calls, without holding a batch.
 
-``adapt`` calls :func:`start_recording`: a forward pre-hook on the model it was given stores, on every call, a
-detached copy of at most the first :data:`ROWS` rows of the call's tensors, in a table keyed weakly by the root
-module. So ``merge_and_export(model, path)`` needs no example inputs after any forward, the caller's batch is
+``adapt`` calls :func:`start_recording`: a forward pre-hook on the model it was given stores a detached copy of
+at most the first :data:`ROWS` rows of the call's tensors, in a table keyed weakly by the root module. It copies on
+the first call and again only when a call's structure differs from the recorded one (:func:`signature`: argument
+names and nesting, each tensor's rank and dtype, the values of plain Python arguments), so a training loop pays no
+copy and no allocation per step; a different sequence length or batch size is the same structure (export makes
+those axes dynamic anyway). So ``merge_and_export(model, path)`` needs no example inputs after any forward, the caller's batch is
 never kept alive (only a few rows are copied), and the core (``lsrfx.api``) carries no export state.
 ``merge`` / ``remove_adapters`` call :func:`stop_recording`.
 
@@ -15,8 +18,7 @@ module's hooks outside the compiled frame, so for real models (``transformers`` 
 with its own ``forward``) ``torch.compile(lsrfx.adapt(m))`` and ``lsrfx.adapt(torch.compile(m))`` both keep one graph
 without breaks (tested). Where Dynamo traces the hook instead (a bare ``torch.nn`` container such as
 ``nn.Sequential`` as the root, or an adapted submodule called inside a larger compiled model) it costs one graph
-break at that call; adapting the outermost, user-defined model avoids it. Recording on every call keeps "the
-latest call" true at the cost of copying two rows per tensor.
+break at that call; adapting the outermost, user-defined model avoids it.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ Inputs = tuple[tuple, dict]
 
 ROWS = 2  # rows kept per batched tensor: size 2 is the smallest batch torch.export keeps symbolic
 
-_recorded: weakref.WeakKeyDictionary[nn.Module, Inputs] = weakref.WeakKeyDictionary()
+_recorded: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, Inputs]] = weakref.WeakKeyDictionary()
 
 
 def start_recording(model: nn.Module) -> None:
@@ -52,8 +54,26 @@ def stop_recording(model: nn.Module) -> None:
 
 
 def latest(model: nn.Module) -> Inputs | None:
-    """The recorded ``(args, kwargs)`` of ``model``'s latest forward call, or ``None`` if it was not called."""
-    return _recorded.get(unwrap(model))
+    """The recorded ``(args, kwargs)`` of ``model``'s latest forward call (rows of the first call of the latest
+    call's structure), or ``None`` if it was not called."""
+    entry = _recorded.get(unwrap(model))
+    return None if entry is None else entry[1]
+
+
+PLAIN = (bool, int, float, str, type(None))
+
+
+def signature(inputs: Inputs) -> tuple:
+    """What makes two calls' inputs interchangeable as export examples: the pytree structure, and per leaf a
+    tensor's rank, dtype and layout or a plain value itself (other objects by type)."""
+    leaves, spec = pytree.tree_flatten(inputs)
+
+    def leaf(v: object) -> object:
+        if isinstance(v, Tensor):
+            return ("tensor", v.dim(), v.dtype, v.layout)
+        return ("value", type(v), v) if isinstance(v, PLAIN) else ("object", type(v))
+
+    return (str(spec), tuple(leaf(v) for v in leaves))
 
 
 def few_rows(inputs: Inputs) -> Inputs:
@@ -76,11 +96,16 @@ def few_rows(inputs: Inputs) -> Inputs:
 
 @torch.compiler.disable
 def _record(module: nn.Module, args: tuple, kwargs: dict) -> None:
-    """Forward pre-hook: keep :func:`few_rows` of this call's inputs for the root module.
+    """Forward pre-hook: keep :func:`few_rows` of this call's inputs for the root module, unless inputs of the same
+    :func:`signature` are already kept.
 
     It looks the root up through ``module`` (no closure), so a ``deepcopy`` of the model records under the copy.
     """
-    _recorded[unwrap(module)] = few_rows((args, kwargs))
+    root = unwrap(module)
+    key = signature((args, kwargs))
+    entry = _recorded.get(root)
+    if entry is None or entry[0] != key:
+        _recorded[root] = (key, few_rows((args, kwargs)))
 
 
 def _remove_hook(module: nn.Module) -> None:
