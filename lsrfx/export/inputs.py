@@ -2,7 +2,8 @@
 
 ``merge_and_export`` takes ``example_inputs`` as a tensor, a tuple of positional arguments, a dict of keyword
 arguments, or an ``(args_tuple, kwargs_dict)`` pair. Without them it uses a few rows of the inputs of the model's
-most recent forward call (see :mod:`lsrfx.export.recorded_inputs`), else a Hugging Face model's ``dummy_inputs``.
+latest forward call (recorded once per call structure, see :mod:`lsrfx.export.recorded_inputs`), else a Hugging
+Face model's ``dummy_inputs``.
 """
 
 from __future__ import annotations

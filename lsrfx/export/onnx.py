@@ -74,7 +74,8 @@ def merge_and_export(
     """Export an adapted model (plain or ``torch.compile``d) to ONNX with its adapters merged into the weights.
 
     ``example_inputs``: a tensor, a tuple of positional arguments, a dict of keyword arguments or an
-    ``(args, kwargs)`` pair; by default the inputs of the model's latest forward call, else a Hugging Face model's
+    ``(args, kwargs)`` pair; by default two rows of the inputs of the model's latest forward call
+    (of its structure: see :mod:`lsrfx.export.recorded_inputs`), else a Hugging Face model's
     ``dummy_inputs`` (``labels`` and similar training-only keywords are dropped; a ``transformers`` cache is
     turned off). ``dynamic``: batch and sequence axes (dims 0 and 1 of each tensor input) stay symbolic where the
     model allows. ``opset``: the ONNX opset (default: the exporter's). ``verify``: run the file in onnxruntime on
