@@ -165,9 +165,9 @@ def add_finetune(p: argparse.ArgumentParser) -> None:
     seeds.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     seeds.add_argument("--seeds", type=int, nargs="+", metavar="SEED", help="several seeds: mean +- std per method")
     t.add_argument("--quantize", choices=["none", "int8"], default="none",
-                   help="quantize the frozen encoder's linear layers before adapting: int8 = torchao "
-                   "Int8WeightOnlyConfig (QLoRA-style; needs the lsrfx[quant] extra); the head stays fp32 and the "
-                   "export is the merged float model (default: %(default)s)")
+                   help="quantize the frozen encoder's linear layers and embeddings before adapting: int8 = "
+                   "torchao Int8WeightOnlyConfig (QLoRA-style; needs the lsrfx[quant] extra); the head stays fp32 and "
+                   "the export is the merged float model (default: %(default)s)")
     t.add_argument("--compile", action=argparse.BooleanOptionalAction, default=defaults.COMPILE,
                    help="train through torch.compile and the lsrfx pass (default: off; on a 2-core CPU compiling "
                    "took minutes and steps were no faster, see README)")

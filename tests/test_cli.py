@@ -157,6 +157,25 @@ def test_export_and_adapters(tiny_model, tiny_csv, tmp_path, capsys):
     assert {i.name for i in session.get_inputs()} >= {"input_ids"}
 
 
+def test_quantized_base_trains_exports_and_shrinks_the_model(tiny_model, tiny_csv, tmp_path, capsys):
+    pytest.importorskip("torchao")
+    runs = {}
+    for quantize in ("none", "int8"):
+        out = tmp_path / quantize
+        code, _, err = run_cli(finetune_args(tiny_model, tiny_csv, out, "--method", "lora", "--epochs", "2",
+                                             "--quantize", quantize), capsys)
+        assert code == 0, err
+        report = json.loads((out / "report.json").read_text())
+        assert report["settings"]["quantize"] == quantize
+        runs[quantize] = report["runs"][0]
+    fp32, int8 = runs["none"], runs["int8"]
+    assert int8["quantize"] == "int8" and int8["losses"][-1] < int8["losses"][0]
+    # linears and embeddings in int8 + per-row scales; head, norms and biases stay fp32
+    assert int8["model_bytes"] < 0.4 * fp32["model_bytes"]
+    assert int8["export"]["merged"] and 0 <= int8["export"]["max_diff"] <= 1e-4  # float export, ORT-verified
+    assert int8["adapter_params"] == fp32["adapter_params"]
+
+
 def test_overwrite_replaces_existing_out(tiny_model, tiny_csv, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()

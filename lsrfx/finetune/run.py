@@ -207,12 +207,13 @@ def run_one(s: FinetuneSettings, method: str, seed: int, data: TextData, tokeniz
 
 
 def quantize_encoder(model: torch.nn.Module, scheme: str, head: str) -> None:
-    """Quantize every linear layer but the classification head (QLoRA-style frozen base), in place."""
+    """Quantize the frozen encoder in place (QLoRA-style): every linear layer but the classification head, and the
+    embedding tables (MiniLM's word embeddings are half of its weights; torchao's int8 tensor serves lookups)."""
     from torchao.quantization import Int8WeightOnlyConfig, quantize_
 
     configs = {"int8": Int8WeightOnlyConfig}
-    quantize_(model, configs[scheme](),
-              filter_fn=lambda m, name: isinstance(m, torch.nn.Linear) and not name.startswith(head))
+    quantize_(model, configs[scheme](), filter_fn=lambda m, name: isinstance(m, (torch.nn.Linear, torch.nn.Embedding))
+              and not name.startswith(head))
 
 
 def save_and_export(model, run_dir: Path, export: bool, log) -> dict:
