@@ -112,6 +112,8 @@ def test_compare_writes_well_formed_reports(tiny_model, tiny_csv, tmp_path, caps
         assert len(run["losses"]) == steps and all(math.isfinite(v) for v in run["losses"])
         assert [v["epoch"] for v in run["validation"]] == [1, 2] and run["stopped_epoch"] == 2
         assert run["best_validation"] == run["validation"][run["best_epoch"] - 1]
+        ranks = run["delta_effective_ranks"]  # of the kept dW, one per adapted layer (2 layers x query/value)
+        assert len(ranks) == 4 and all(0.0 < v <= 8.0 for v in ranks.values()), ranks
         assert run["test"]["n"] == len(data.test)
         assert 0.0 <= run["test"]["accuracy"] <= 1.0 and run["step_time_s"] > 0
         assert (out / f"{run['method']}-seed{run['seed']}").is_dir()

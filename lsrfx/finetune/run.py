@@ -17,6 +17,7 @@ import torch
 import lsrfx
 from lsrfx.adapters import make_config
 from lsrfx.api import adapt_state
+from lsrfx.diagnostics import delta_effective_ranks
 from lsrfx.finetune import defaults
 from lsrfx.finetune.batches import batches, encode
 from lsrfx.finetune.data import TextData, default_data_path, load_data
@@ -201,6 +202,7 @@ def run_one(s: FinetuneSettings, method: str, seed: int, data: TextData, tokeniz
         "stopped_epoch": history.stopped_epoch,  # the last epoch trained (< settings.epochs: stopped early)
         "test": test.as_dict(),
         "summary": lsrfx.summary(model),
+        "delta_effective_ranks": delta_effective_ranks(unwrap(model)),  # per adapted layer, of the kept dW
     }
     record.update(save_and_export(model, run_dir, s.export, log))
     return record

@@ -1,0 +1,182 @@
+"""Accuracy against adapter parameters: every method at several budgets, several seeds, on the packaged task.
+
+Each point is one ``lsrfx finetune`` run (pretrained all-MiniLM-L6-v2, q/v adapters + head, the default protocol:
+best validation epoch kept, early stopping) in its own process with one thread; ``--jobs`` processes run side by
+side (accuracy does not depend on timing). Budgets are matched to LoRA r = 1, 2, 4, 8 (768 r adapter parameters per
+384 x 384 layer, 12 layers) within 15 %:
+
+* LSR-Adapt r1 = r2 = 2: 160 S per layer, so S = 5, 10, 19, 38 (plus the default S = 16);
+* CondLoRA: 768 r per group of 6 layers (one pair shared by the 6 query and by the 6 value layers), so r = 6, 12,
+  24, 48 equal LoRA r = 1, 2, 4, 8 exactly (plus the default r = 8);
+* GenLoRA: g (768) + 2 r (g + 2) per layer (basis rbf or centred; ``--genlora-basis``), so (g, r) = (1, 16),
+  (2, 16), (4, 32) are LoRA r = 1, 2, 4 + 8-13 % (plus the default g = 2, r = 32 with each basis, and the mixed
+  basis at r = m = 20, g = 1, which fits under 30 % of LoRA r = 8);
+* LSR-Adapt's paper recipe (``lsr-paper``: init "paper", alpha 16384, lr 5e-4).
+
+Reports land in ``--out/<point>-seed<s>/report.json`` (a finished point is skipped when the script is re-run);
+``--summarise`` writes ``--out/frontier.md`` (mean +- std of test and of validation accuracy per point, and the
+trained dW's effective rank averaged over layers and seeds) and
+``--out/frontier.png`` (test accuracy against adapter parameters, one line per method).
+
+    python bench/frontier.py --seeds 0 1 2 --jobs 2                      # every point
+    python bench/frontier.py --only lora-r8 lsr-s16 --seeds 0 1 2        # some points, in this order
+    python bench/frontier.py --summarise
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+OUT = Path(__file__).with_name("results") / "frontier"
+RUN_FLAGS = ("lr", "quantize")  # point options that are lsrfx finetune flags, not adapter options
+
+
+def points(genlora_basis: str) -> dict[str, tuple[str, dict]]:
+    """Point name -> (method, options), in budget order per method. ``lr`` and ``quantize`` are run flags."""
+    out: dict[str, tuple[str, dict]] = {}
+    for r in (1, 2, 4, 8):
+        out[f"lora-r{r}"] = ("lora", {"r": r, "alpha": float(r)})  # scale 1, as the default r = alpha = 8
+    for s in (5, 10, 16, 19, 38):
+        out[f"lsr-s{s}"] = ("lsr", {"separation_rank": s})
+    # LSR-Adapt's paper recipe: N(0, 0.01^2) factors, scale 4096 (alpha 16384 at r1 = r2 = 2), lr 5e-4
+    out["lsr-paper"] = ("lsr", {"init": "paper", "alpha": 16384.0, "lr": 5e-4})
+    out["lsr-s16-int8"] = ("lsr", {"separation_rank": 16, "quantize": "int8"})  # over an int8 base (torchao)
+    for r in (6, 8, 12, 24, 48):
+        out[f"condlora-r{r}"] = ("condlora", {"r": r, "alpha": float(r)})
+    # GenLoRA's bases at the default budget (r = 32, g = 2; mixed: r = m = 20, g = 1 fits under 30 % of LoRA r=8)
+    out["genlora-rbf-g2r32"] = ("genlora", {"basis": "rbf"})
+    out["genlora-centred-g2r32"] = ("genlora", {"basis": "centred"})
+    out["genlora-mixed-g1r20"] = ("genlora", {"basis": "mixed", "group_size": 1, "r": 20, "alpha": 20.0})
+    for g, r in ((1, 16), (2, 16), (4, 32)):
+        out[f"genlora-{genlora_basis}-g{g}r{r}"] = ("genlora", {"group_size": g, "r": r, "alpha": float(r),
+                                                             "basis": genlora_basis})
+    return out
+
+
+def command(method: str, options: dict, seed: int, out: Path, epochs: int | None, extra: list[str]) -> list[str]:
+    cmd = [sys.executable, "-m", "lsrfx.cli", "finetune", "--method", method, "--seed", str(seed), "--threads", "1",
+           "--no-export", "--out", str(out), "--overwrite"]
+    for key, value in options.items():
+        cmd += [f"--{key}", str(value)] if key in RUN_FLAGS else ["--set", f"{method}.{key}={value}"]
+    if epochs is not None:
+        cmd += ["--epochs", str(epochs)]
+    return cmd + extra
+
+
+def run_point(name: str, method: str, options: dict, seed: int, args: argparse.Namespace) -> str:
+    out = args.out / f"{name}-seed{seed}"
+    if (out / "report.json").exists():
+        return f"{name} seed {seed}: already done"
+    t0 = time.perf_counter()
+    log = args.out / "logs" / f"{name}-seed{seed}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as f:
+        proc = subprocess.run(command(method, options, seed, out, args.epochs, args.extra), stdout=f,
+                              stderr=subprocess.STDOUT, env={**os.environ, "TQDM_DISABLE": "1"})
+    status = "ok" if proc.returncode == 0 else f"FAILED (exit {proc.returncode}, see {log})"
+    return f"{name} seed {seed}: {status} in {time.perf_counter() - t0:.0f} s"
+
+
+def summarise(out: Path) -> None:
+    rows: dict[str, list[dict]] = {}
+    for report in sorted(out.glob("*-seed*/report.json")):
+        data = json.loads(report.read_text())
+        for run in data["runs"]:
+            rows.setdefault(report.parent.name.rsplit("-seed", 1)[0], []).append(run)
+    if not rows:
+        raise SystemExit(f"no reports under {out}")
+    lines = ["| point | method | adapter params | share of LoRA r=8 | test accuracy % (mean +- std) | "
+             "val accuracy % (kept epoch) | dW eff. rank | seeds | kept epochs |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    series: dict[str, list[tuple[int, float, float]]] = {}
+    lora8 = 73_728
+    for name, runs in sorted(rows.items(), key=lambda kv: (kv[1][0]["method"], kv[1][0]["adapter_params"])):
+        test = [100 * r["test"]["accuracy"] for r in runs]
+        val = [100 * best_validation(r) for r in runs]
+        params = runs[0]["adapter_params"]
+        sd = statistics.stdev(test) if len(test) > 1 else 0.0
+        lines.append(f"| {name} | {runs[0]['method']} | {params:,} | {100 * params / lora8:.1f} % | "
+                     f"{statistics.mean(test):.2f} +- {sd:.2f} | {statistics.mean(val):.2f} | "
+                     f"{statistics.mean(mean_effective_rank(r) for r in runs):.1f} | {len(runs)} | "
+                     f"{', '.join(str(r.get('best_epoch', '?')) for r in runs)} |")
+        series.setdefault(runs[0]["method"], []).append((params, statistics.mean(test), sd))
+    (out / "frontier.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot")
+        return
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for method, pts in sorted(series.items()):
+        pts.sort()
+        ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", capsize=3,
+                    label=method)
+    ax.set_xscale("log")
+    ax.set_xlabel("adapter parameters (log scale)")
+    ax.set_ylabel("test accuracy % (mean +- std over seeds)")
+    ax.set_title("all-MiniLM-L6-v2 on Debian sections: accuracy vs adapter budget")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "frontier.png", dpi=120)
+    print(f"wrote {out / 'frontier.md'} and {out / 'frontier.png'}")
+
+
+def mean_effective_rank(run: dict) -> float:
+    """Mean over the adapted layers of the trained dW's effective rank (``delta_effective_ranks`` in the record,
+    else the last column of the ``summary`` table that older records carry)."""
+    ranks = run.get("delta_effective_ranks")
+    if ranks:
+        return statistics.mean(ranks.values())
+    rows = [line.split()[-1] for line in run["summary"].splitlines()[2:] if " adapted with " not in line]
+    return statistics.mean(float(v) for v in rows)
+
+
+def best_validation(run: dict) -> float:
+    """The kept epoch's validation accuracy (older reports without ``best_validation``: the last epoch's)."""
+    best = run.get("best_validation")
+    return best["accuracy"] if best else run["validation"][-1]["accuracy"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--jobs", type=int, default=2, help="runs side by side, one thread each")
+    ap.add_argument("--only", nargs="+", help="point names to run, in this order (default: all)")
+    ap.add_argument("--genlora-basis", default="rbf", choices=["rbf", "centred"])
+    ap.add_argument("--epochs", type=int, help="--epochs for every run (default: lsrfx finetune's)")
+    ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--summarise", action="store_true", help="only summarise the reports under --out")
+    ap.add_argument("extra", nargs=argparse.REMAINDER, help="after --: more lsrfx finetune flags for every run")
+    args = ap.parse_args()
+    args.extra = [a for a in args.extra if a != "--"]
+    if args.summarise:
+        summarise(args.out)
+        return
+    catalogue = points(args.genlora_basis)
+    unknown = sorted(set(args.only or []) - set(catalogue))
+    if unknown:
+        raise SystemExit(f"unknown points {unknown}; known: {sorted(catalogue)}")
+    todo = [(name, *catalogue[name], seed) for name in (args.only or catalogue) for seed in args.seeds]
+    args.out.mkdir(parents=True, exist_ok=True)
+    print(f"{len(todo)} runs, {args.jobs} at a time", flush=True)
+    with ThreadPoolExecutor(args.jobs) as pool:
+        for line in pool.map(lambda t: run_point(*t, args), todo):
+            print(line, flush=True)
+    summarise(args.out)
+
+
+if __name__ == "__main__":
+    main()
