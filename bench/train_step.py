@@ -627,8 +627,9 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps per variant at the start of each scenario")
-    ap.add_argument("--scenarios", nargs="+", choices=["quiet", "busy"], default=["quiet", "busy"],
-                    help="run in this order whatever the order given: quiet, then busy")
+    ap.add_argument("--scenarios", nargs="*", choices=["quiet", "busy"], default=["quiet", "busy"],
+                    help="run in this order whatever the order given: quiet, then busy; none (a bare --scenarios): "
+                    "only kernel counts and peak memory, which do not depend on the machine's load")
     ap.add_argument("--variants", nargs="+", choices=ALL_KEYS, metavar="KEY", default=DEFAULT_KEYS,
                     help=f"subset to run (floor and peft are always added); keys: {' '.join(ALL_KEYS)}")
     ap.add_argument("--threads", type=int, help="torch.set_num_threads (default: leave torch's default)")

@@ -44,17 +44,20 @@ def reference_factors(method: str, adapter: nn.Module, w0: torch.Tensor) -> tupl
         c_a, c_b = adapter.pair.C_A, adapter.pair.C_B
         a = c_a @ w0.T if w0.shape[0] == w0.shape[1] else c_a @ w0
         return a, w0 @ c_b.T
-    if method == "genlora":
+    if method == "genlora":  # the default basis, "centred": each RBF row made mean-free over its positions
+        assert adapter.basis == "centred"
         r, d_in, d_out = adapter.rank, w0.shape[1], w0.shape[0]
-        a = torch.empty(r, d_in, dtype=w0.dtype)
-        b = torch.empty(d_out, r, dtype=w0.dtype)
+        phi_a = torch.empty(r, d_in, dtype=w0.dtype)
+        phi_b = torch.empty(r, d_out, dtype=w0.dtype)
         for i in range(r):
             for j in range(d_in):
                 dist = ((adapter.Z_A[j] - adapter.centres_A[i]) ** 2).sum()
-                a[i, j] = adapter.amplitude_A[i] * torch.exp(-dist * torch.exp(adapter.log_gamma_A[i]))
+                phi_a[i, j] = torch.exp(-dist * torch.exp(adapter.log_gamma_A[i]))
             for j in range(d_out):
                 dist = ((adapter.Z_B[j] - adapter.centres_B[i]) ** 2).sum()
-                b[j, i] = adapter.amplitude_B[i] * torch.exp(-dist * torch.exp(adapter.log_gamma_B[i]))
+                phi_b[i, j] = torch.exp(-dist * torch.exp(adapter.log_gamma_B[i]))
+        a = adapter.amplitude_A[:, None] * (phi_a - phi_a.mean(1, keepdim=True))
+        b = (adapter.amplitude_B[:, None] * (phi_b - phi_b.mean(1, keepdim=True))).T
         return a, b
     raise AssertionError(method)
 

@@ -177,7 +177,7 @@ def test_merge_of_a_deepcopy_leaves_the_original_adapted_and_recording() -> None
     assert len(list(adapted_layers(original))) == 4
     torch.testing.assert_close(original(input_ids=ids).logits, expected)  # `weight` still works on the original
     other = torch.randint(0, 100, (3, 4))
-    original(input_ids=other)
+    original(input_ids=other, attention_mask=torch.ones_like(other))  # a new call structure is recorded again
     recorded = latest(original)[1]["input_ids"]  # its recorder survived: a copy of the first rows, not `other`
     assert torch.equal(recorded, other[:2]) and recorded.data_ptr() != other.data_ptr()
     assert latest(clone) is None  # merging the copy stopped only the copy's recorder

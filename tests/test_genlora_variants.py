@@ -108,7 +108,7 @@ def test_centred_and_mixed_start_with_higher_effective_rank_than_rbf() -> None:
     assert effective_rank(centred.factors(torch.zeros(384, 384))[0]) > rbf_a
     # the independent computation: exp(entropy(s / sum s)) from svdvals
     torch.manual_seed(0)
-    rbf = make_adapter(384, 384, r=32)
+    rbf = make_adapter(384, 384, r=32, basis="rbf")
     s = torch.linalg.svdvals(rbf.factors(torch.zeros(384, 384))[0].detach().double())
     p = s / s.sum()
     assert math.isclose(rbf_a, math.exp(-(p * p.log()).sum().item()), rel_tol=1e-9)
@@ -149,7 +149,8 @@ def test_bad_options_raise_lsrfx_error_naming_the_choices() -> None:
 
 
 def test_gamma_init_is_normalised_and_resolved_per_basis() -> None:
-    assert GenLoRAConfig().gamma_init == "auto" and GenLoRAConfig().width_init == 1.0
+    assert GenLoRAConfig().basis == "centred" and GenLoRAConfig().width_init == "nearest"
+    assert GenLoRAConfig(basis="rbf").gamma_init == "auto" and GenLoRAConfig(basis="rbf").width_init == 1.0
     assert GenLoRAConfig(basis="centred").width_init == "nearest"
     assert GenLoRAConfig(basis="mixed").width_init == "nearest"
     assert GenLoRAConfig(gamma_init=2).gamma_init == "2.0" == GenLoRAConfig(gamma_init="2").gamma_init
@@ -161,7 +162,7 @@ def test_gamma_init_is_normalised_and_resolved_per_basis() -> None:
 
 def test_width_heuristics() -> None:
     for rule in ("median", "nearest"):
-        adapter = make_adapter(r=6, group_size=2, gamma_init=rule)
+        adapter = make_adapter(r=6, group_size=2, gamma_init=rule, basis="rbf")
         with torch.no_grad():
             for z, c, log_gamma in ((adapter.Z_A, adapter.centres_A, adapter.log_gamma_A),
                                     (adapter.Z_B, adapter.centres_B, adapter.log_gamma_B)):
@@ -173,7 +174,7 @@ def test_width_heuristics() -> None:
 def test_rbf_keeps_its_init_and_state_dict_keys_bit_for_bit() -> None:
     d_out, d_in, g, r = 24, 40, 2, 6
     torch.manual_seed(7)
-    adapter = make_adapter(d_out, d_in, r=r, group_size=g)
+    adapter = make_adapter(d_out, d_in, r=r, group_size=g, basis="rbf")
     assert list(adapter.state_dict()) == OLD_KEYS
     torch.manual_seed(7)  # the init before bases existed: N(0, 1) latents and centres in this order, unit widths
     expected = {"Z_A": torch.randn(d_in, g), "Z_B": torch.randn(d_out, g), "centres_A": torch.randn(r, g),
@@ -181,7 +182,7 @@ def test_rbf_keeps_its_init_and_state_dict_keys_bit_for_bit() -> None:
                 "amplitude_A": torch.full((r,), d_in**-0.5), "amplitude_B": torch.zeros(r)}
     for name, value in adapter.state_dict().items():
         assert torch.equal(value, expected[name]), name
-    model = lsrfx.adapt(nn.Sequential(nn.Linear(8, 8)), method="genlora", targets=["0"], r=2)
+    model = lsrfx.adapt(nn.Sequential(nn.Linear(8, 8)), method="genlora", targets=["0"], r=2, basis="rbf")
     assert sorted(adapter_parameters(model)) == sorted(f"0.parametrizations.weight.0.adapter.{k}" for k in OLD_KEYS)
     centred = make_adapter(d_out, d_in, r=r, group_size=g, basis="centred")
     assert list(centred.state_dict()) == OLD_KEYS
@@ -272,3 +273,27 @@ def test_compile_pass_fuses_the_new_bases(basis: str) -> None:
         torch.testing.assert_close(p.grad, grads[name], atol=1e-5, rtol=1e-4, msg=name)
     assert counters["lsrfx"]["fused"] == 2 and counters["lsrfx"]["materialised"] == 0
     torch._dynamo.reset()
+
+
+def test_adapter_file_from_before_bases_loads_as_rbf(tmp_path) -> None:
+    """Files written before ``basis`` existed have no such option: they hold the rbf form, not today's default."""
+    import json
+
+    def base() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(16, 16))
+
+    trained = lsrfx.adapt(base(), method="genlora", targets=["0"], r=4, basis="rbf")
+    with torch.no_grad():
+        for p in adapter_parameters(trained).values():
+            p.normal_()
+    directory = lsrfx.save_adapters(trained, tmp_path / "old")
+    config_file = directory / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    for key in ("basis", "features", "gamma_init"):  # what an older lsrfx wrote: none of the new options
+        del config["options"][key]
+    config_file.write_text(json.dumps(config))
+    loaded = lsrfx.load_adapters(base(), directory)
+    assert lsrfx.api.adapt_state(loaded).config.basis == "rbf"
+    x = torch.randn(3, 16)
+    torch.testing.assert_close(loaded(x), trained(x), rtol=0, atol=0)

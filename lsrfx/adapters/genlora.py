@@ -9,13 +9,16 @@ by ``basis``:
     RBF i   centre c_i (g), log-width l_i (gamma_i = exp(l_i))
     phi_i(z) = exp(-||z - c_i||^2 * gamma_i)        feature matrix Phi[i, j] = phi_i(Z[j])
 
-``basis="rbf"`` (default; the form of every adapter file saved before ``basis`` existed, bit for bit)::
+``basis="rbf"`` (the form of every adapter file saved before ``basis`` existed, bit for bit; such a file loads
+as ``rbf``)::
 
     A[i, j] = w^A_i * phi^A_i(Z_A[j])               i < r, amplitude w_i
     B[j, i] = w^B_i * phi^B_i(Z_B[j])
     parameters per layer: g*(d_in + d_out) + 2*r*(g + 2)
 
-``basis="centred"``: the same parameters, each feature made mean-free over the n positions before the amplitude::
+``basis="centred"`` (the default since it was chosen on the packaged task's validation split, 3 seeds: 85.89 %
+against ``rbf``'s 83.78 % and ``mixed``'s 84.67 % at r = m = 20, g = 1; README, "Quality per parameter"): the same
+parameters, each feature made mean-free over the n positions before the amplitude::
 
     A[i, j] = w^A_i * (phi^A_i(Z_A[j]) - mean_k phi^A_i(Z_A[k]))       (B likewise over d_out)
     parameters per layer: g*(d_in + d_out) + 2*r*(g + 2)
@@ -55,7 +58,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
@@ -69,15 +72,17 @@ GAMMA_HEURISTICS = ("auto", "median", "nearest")
 
 @dataclass
 class GenLoRAConfig(AdapterConfig):
-    """GenLoRA's options (our reconstruction's defaults: r = alpha = 32, g = 2, basis ``"rbf"``)."""
+    """GenLoRA's options (our reconstruction's defaults: r = alpha = 32, g = 2, basis ``"centred"``)."""
 
     method = "genlora"
+    # An adapter file written before ``basis`` existed holds the rbf form: load it as that, not as today's default.
+    OPTIONS_BEFORE_THEY_EXISTED: ClassVar[dict] = {"basis": "rbf"}
     r: int = rank_field(32)
     group_size: int = option_field(2, "dimension g of the latent vector of each row of A and of B")
     alpha: float = alpha_field(32.0)
     basis: Literal["rbf", "centred", "mixed"] = option_field(
-        "rbf", "genlora factor basis: rbf (positive RBF rows, as before), centred (mean-free RBF rows, same "
-        "parameters) or mixed (a trainable signed r x m matrix mixing m RBF features)")
+        "centred", "genlora factor basis: centred (mean-free RBF rows), rbf (positive RBF rows: the form before "
+        "bases existed, same parameters) or mixed (a trainable signed r x m matrix mixing m RBF features)")
     features: int | None = option_field(
         None, "number m of RBF features mixed by basis=mixed (default: r)")
     gamma_init: str = option_field(

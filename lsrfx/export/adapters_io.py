@@ -147,7 +147,7 @@ def load_adapters(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     config = _read_config(directory)
     tensors = _read_tensors(directory / TENSORS_FILE, config.get("tensors_sha256"))
     root = unwrap(model)
-    saved_config = make_config(config["method"], _from_json(config["options"]))
+    saved_config = make_config(config["method"], saved_options(config["method"], config["options"]))
     layers = list(config["layers"])
     _check_base(root, config["layers"])
     state = adapt_state(root)
@@ -283,5 +283,11 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def _from_json(options: dict) -> dict:
-    return {k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}
+def saved_options(method: str, options: dict) -> dict:
+    """A saved config's options as keyword arguments: JSON lists back to tuples, and an option the file lacks
+    because it was written before the option existed takes the value that reproduces that file's adapter (the
+    config class's ``OPTIONS_BEFORE_THEY_EXISTED``), not today's default."""
+    from lsrfx.adapters import METHODS
+
+    legacy = getattr(METHODS.get(method), "OPTIONS_BEFORE_THEY_EXISTED", {})
+    return {**legacy, **{k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}}
