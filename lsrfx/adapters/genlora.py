@@ -17,7 +17,7 @@ as ``rbf``)::
     parameters per layer: g*(d_in + d_out) + 2*r*(g + 2)
 
 ``basis="centred"`` (the default since it was chosen on the packaged task's validation split, 3 seeds: 85.89 %
-against ``rbf``'s 83.78 % and ``mixed``'s 84.67 % at r = m = 20, g = 1; README, "Quality per parameter"): the same
+against ``rbf``'s 83.78 % and ``mixed``'s 84.22 % at r = m = 20, g = 1; README, "GenLoRA's basis"): the same
 parameters, each feature made mean-free over the n positions before the amplitude::
 
     A[i, j] = w^A_i * (phi^A_i(Z_A[j]) - mean_k phi^A_i(Z_A[k]))       (B likewise over d_out)
