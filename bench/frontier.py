@@ -36,6 +36,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 OUT = Path(__file__).with_name("results") / "frontier"
+# Points that are variants of a method (another basis, base or recipe), plotted on their own, not on its line.
+VARIANT_TAGS = ("rbf", "mixed", "int8", "paper")
 RUN_FLAGS = ("lr", "quantize")  # point options that are lsrfx finetune flags, not adapter options
 
 
@@ -107,7 +109,8 @@ def summarise(out: Path) -> None:
                      f"{statistics.mean(test):.2f} +- {sd:.2f} | {statistics.mean(val):.2f} | "
                      f"{statistics.mean(mean_effective_rank(r) for r in runs):.1f} | {len(runs)} | "
                      f"{', '.join(str(r.get('best_epoch', '?')) for r in runs)} |")
-        series.setdefault(runs[0]["method"], []).append((params, statistics.mean(test), sd))
+        variant = next((tag for tag in VARIANT_TAGS if tag in name), None)  # off the method's own line
+        series.setdefault(name if variant else runs[0]["method"], []).append((params, statistics.mean(test), sd))
     (out / "frontier.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     try:
@@ -119,16 +122,17 @@ def summarise(out: Path) -> None:
         print("matplotlib not installed: no plot")
         return
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for method, pts in sorted(series.items()):
+    for label, pts in sorted(series.items()):
         pts.sort()
-        ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", capsize=3,
-                    label=method)
+        single = any(tag in label for tag in VARIANT_TAGS)  # a variant point: a marker of its own, no line
+        ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], capsize=3, label=label,
+                    marker="x" if single else "o", linestyle="none" if single else "-", alpha=0.7 if single else 1)
     ax.set_xscale("log")
     ax.set_xlabel("adapter parameters (log scale)")
     ax.set_ylabel("test accuracy % (mean +- std over seeds)")
     ax.set_title("all-MiniLM-L6-v2 on Debian sections: accuracy vs adapter budget")
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8, ncol=2)
     fig.tight_layout()
     fig.savefig(out / "frontier.png", dpi=120)
     print(f"wrote {out / 'frontier.md'} and {out / 'frontier.png'}")
