@@ -6,9 +6,9 @@ as the frozen ``W0`` (the base stays quantized in memory; the adapter factors ar
 how an adapted layer computes, not what it stores:
 
 * **forward**: ``F.linear(x, W0_q, bias) + scale * (x @ A.T) @ B.T``. torchao's kernel computes the base matmul and
-  the low-rank term is added beside it; ``W0 + dW`` is never formed, so no dense copy of the weight exists in the
-  forward or is saved for the backward (CondLoRA is the exception: its factors are functions of ``W0``, so it reads
-  the dequantised weight to form them). :func:`install_quantized_forward` puts this forward on the layer's own
+  the low-rank term is added beside it; lsrfx never forms ``W0 + dW`` (torchao's int8 linear itself keeps a
+  dequantised copy of the weight for the input gradient; CondLoRA's factors are functions of ``W0``, so it reads the
+  dequantised weight to form them). :func:`install_quantized_forward` puts this forward on the layer's own
   class (the one ``parametrize`` generated for it), so eager and ``torch.compile`` run the same code. The compile
   pass has no ``compose`` node to fuse there (its fused kernels read a dense ``W0``); ``lsrfx.explain`` lists
   these layers and says so.
