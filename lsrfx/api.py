@@ -206,9 +206,10 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 def summary(model: nn.Module) -> str:
     """A table of the adapted layers (method, weight shape and any quantization of W0, rank, trainable adapter
     parameters, dW's effective rank) and the total as a share of the base model. Shared parameters (CondLoRA) are
-    counted at the first layer that uses them. "dW eff. rank" is the effective rank of the layer's current update: exp of the entropy of dW's
-    normalised singular values (:func:`lsrfx.diagnostics.effective_rank`); at most the adapter's rank, 0.0 while
-    dW = 0 (right after ``adapt``), "-" for a layer still on the ``meta`` device, "nan" if dW is not finite."""
+    counted at the first layer that uses them. "dW eff. rank" is the effective rank of the layer's current update:
+    exp of the entropy of dW's normalised singular values (:func:`lsrfx.diagnostics.effective_rank`); at most the
+    adapter's rank, 0.0 while dW = 0 (right after ``adapt``), "-" on the ``meta`` device, "nan" if dW is not
+    finite."""
     import math
 
     from lsrfx.diagnostics import delta_effective_ranks  # local: this function is its only user here
