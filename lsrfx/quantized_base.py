@@ -35,7 +35,7 @@ from lsrfx.errors import LsrfxError
 
 # torchao weight tensor classes lsrfx adapts over, with the config that produces each (torchao >= 0.14 names).
 SCHEMES: dict[str, str] = {
-    "Int8Tensor": "int8 weight (Int8WeightOnlyConfig, Int8DynamicActivationInt8WeightConfig)",
+    "Int8Tensor": "int8 weight-only (Int8WeightOnlyConfig; dynamic int8 activations are refused: no gradient)",
     "Int4Tensor": "int4 weight-only (Int4WeightOnlyConfig, plain packing)",
     "Int4TilePackedTo4dTensor": "int4 weight-only (Int4WeightOnlyConfig, tile_packed_to_4d packing)",
     "Int4PreshuffledTensor": "int4 weight-only (Int4WeightOnlyConfig, preshuffled packing)",
@@ -74,6 +74,13 @@ def check_quantized_base(spec: LayerSpec, weight: Tensor) -> None:
             f"layer '{spec.name}' (weight {spec.shape_text}) is quantized with torchao's {name}, a scheme lsrfx does "
             f"not know (it adapts over {', '.join(sorted(SCHEMES))}). Quantize with Int8WeightOnlyConfig() or "
             "Int4WeightOnlyConfig(), or leave this layer out of `targets` (or out of quantize_'s filter_fn)."
+        )
+    if getattr(weight, "act_quant_kwargs", None) is not None:
+        raise LsrfxError(
+            f"layer '{spec.name}' (weight {spec.shape_text}) is quantized with dynamic int8 activations "
+            f"({name} from Int8DynamicActivationInt8WeightConfig): its input is rounded to int8 without a gradient, "
+            "so nothing before it can train. Quantize the base with Int8WeightOnlyConfig() for fine-tuning (and "
+            "the merged model with the dynamic-activation config for serving)."
         )
     if spec.transposed:
         raise LsrfxError(

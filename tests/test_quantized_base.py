@@ -207,6 +207,18 @@ def test_unknown_scheme_is_refused_and_model_untouched(monkeypatch) -> None:
     assert {n: p for n, p in model.named_parameters()} == before
 
 
+def test_dynamic_activation_quantization_is_refused() -> None:
+    """Int8DynamicActivationInt8WeightConfig rounds activations to int8 without a gradient: training through it is
+    impossible (measured: the loss has no grad_fn), so adapt refuses it, naming the layer and the fix."""
+    model = tiny_bert()
+    quantize_(model, torchao_quant.Int8DynamicActivationInt8WeightConfig(),
+              filter_fn=lambda m, name: isinstance(m, nn.Linear) and name != "classifier")
+    with pytest.raises(LsrfxError, match=r"layer 'bert\.encoder\.layer\.0\.attention\.self\.query'.*dynamic int8 "
+                                         r"activations.*Int8WeightOnlyConfig"):
+        lsrfx.adapt(model, method="lsr", targets=TARGETS["bert"], **TINY_OPTIONS["lsr"])
+    assert lsrfx.api.adapt_state(model) is None
+
+
 def test_state_dict_round_trip_over_int8_base() -> None:
     a, b = quantized("bert"), copy.deepcopy(quantized("bert"))
     b.load_state_dict(a.state_dict())
