@@ -160,7 +160,7 @@ def test_export_and_adapters(tiny_model, tiny_csv, tmp_path, capsys):
 
 
 def test_quantized_base_trains_exports_and_shrinks_the_model(tiny_model, tiny_csv, tmp_path, capsys):
-    pytest.importorskip("torchao")
+    pytest.importorskip("torchao", reason="the lsrfx[quant] extra (torchao) is not installed")
     runs = {}
     for quantize in ("none", "int8"):
         out = tmp_path / quantize
