@@ -180,7 +180,7 @@ def test_merge_folds_into_dequantised_weight(method: str) -> None:
 
 
 def test_merge_and_export_verified_in_onnxruntime(tmp_path) -> None:
-    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxruntime", reason="the lsrfx[onnx] extra (onnxruntime) is not installed")
     model = quantized("bert")  # the classifier stays fp32, the encoder's other linears are int8 without adapters
     lsrfx.adapt(model, method="genlora", targets=TARGETS["bert"], **TINY_OPTIONS["genlora"])
     for p in adapter_parameters(model).values():
