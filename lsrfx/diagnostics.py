@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from lsrfx.errors import LsrfxError
 from lsrfx.parametrization import adapted_layers, base_weight
+from lsrfx.quantized_base import dense
 from lsrfx.utils import unwrap
 
 
@@ -54,8 +55,8 @@ def _entropy_rank(s: Tensor) -> float:
 def delta_effective_ranks(model: nn.Module) -> dict[str, float]:
     """The :func:`effective_rank` of every adapted layer's update ``dW = scale * B @ A``, by layer name, in module
     order (computed from the factors by :func:`low_rank_effective_rank`: the same value as for
-    ``adapter.delta_weight(W0)``, without the dense SVD). ``model`` may be compiled; a quantized base weight (a
-    tensor subclass with ``dequantize``, e.g. torchao's) is dequantised first; a layer whose weights are still on
+    ``adapter.delta_weight(W0)``, without the dense SVD). ``model`` may be compiled; a quantized (torchao) base weight is
+    dequantised first (:func:`lsrfx.quantized_base.dense`); a layer whose weights are still on
     the ``meta`` device reads ``nan``."""
     out: dict[str, float] = {}
     with torch.no_grad():
@@ -64,7 +65,7 @@ def delta_effective_ranks(model: nn.Module) -> dict[str, float]:
             if w0.is_meta or any(p.is_meta for p in param.adapter.parameters()):
                 out[name] = math.nan
                 continue
-            w0 = _dense(w0)
+            w0 = dense(w0)
             adapter = param.adapter
             a, b = adapter.factors(w0.t() if param.transposed else w0)
             out[name] = 0.0 if adapter.scale == 0 else low_rank_effective_rank(a, b)
@@ -72,14 +73,5 @@ def delta_effective_ranks(model: nn.Module) -> dict[str, float]:
 
 
 def _float64(matrix: Tensor) -> Tensor:
-    return _dense(matrix).detach().to("cpu", torch.float64)
+    return dense(matrix).detach().to("cpu", torch.float64)
 
-
-def _dense(weight: Tensor) -> Tensor:
-    """``weight``, dequantised if it is a quantized tensor subclass (torchao) or a PyTorch quantized tensor. (Every
-    plain tensor has a ``dequantize`` method, a no-op for float tensors: hence the type test.)"""
-    if type(weight) not in (Tensor, nn.Parameter) and callable(getattr(weight, "dequantize", None)):
-        return weight.dequantize()
-    if weight.is_quantized:
-        return weight.dequantize()
-    return weight
