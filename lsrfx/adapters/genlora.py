@@ -140,8 +140,16 @@ def normalise_gamma_init(value: object) -> str:
 
 
 def sq_distances(z: Tensor, centres: Tensor) -> Tensor:
-    """``out[i, j] = ||z_j - centres_i||^2``: ``(m, n)``."""
-    return (centres.unsqueeze(1) - z.unsqueeze(0)).pow(2).sum(-1)
+    """``out[i, j] = ||z_j - centres_i||^2``: ``(m, n)``.
+
+    Summed over the latent dimension ``g`` (the group size, 1 to 4 in practice) term by term rather than as one
+    reduction over an ``(m, n, g)`` broadcast: the centres' gradient is then a reduction over ``n`` per latent
+    coordinate, not one ending in ``g``, which Inductor's C++ code would split into an OpenMP parallel region per
+    centre (see ``lowrank_linear.column_major``)."""
+    out = (centres[:, 0, None] - z[None, :, 0]).pow(2)
+    for k in range(1, z.shape[1]):
+        out = out + (centres[:, k, None] - z[None, :, k]).pow(2)
+    return out
 
 
 def rbf_features(z: Tensor, centres: Tensor, log_gamma: Tensor) -> Tensor:

@@ -81,14 +81,33 @@ def grad_input_reference(
     return grad_x.reshape(*grad.shape[:-1], grad_x.shape[-1]), u
 
 
+def column_major(t: Tensor) -> bool:
+    """Whether the 2-D ``t`` is stored as the transpose of a contiguous matrix (and is not a vector).
+
+    LSR's, CondLoRA's and GenLoRA's compiled ``B`` (``N x r``) is: each is formed as ``B.T``, because Inductor's C++
+    backend vectorises a reduction along its output's last dimension and, when that dimension is shorter than one
+    vector (``r``), torch 2.13 opens an OpenMP parallel region inside every output iteration (hundreds per call;
+    each costs a scheduler time slice when another process holds a core). ``grad_B`` then takes ``B``'s layout, so
+    the factor gradients read it along ``N`` too."""
+    return t.dim() == 2 and min(t.shape) > 1 and t.stride(0) == 1 and t.stride(1) == t.shape[0]
+
+
+def tn_like(lhs: Tensor, rhs: Tensor, scale: float, like: Tensor) -> Tensor:
+    """``scale * lhs.T @ rhs`` (one BLAS call) in the layout of ``like``, its shape: row-major, or the transpose of
+    ``scale * rhs.T @ lhs`` when ``like`` is :func:`column_major`."""
+    if column_major(like):
+        return scaled_mm(rhs.t(), lhs, scale, like.t()).t()
+    return scaled_mm(lhs.t(), rhs, scale, like)
+
+
 def grad_factors_reference(
     grad: Tensor, x: Tensor, v: Tensor, a: Tensor, b: Tensor, u: Tensor | None, scale: float
 ) -> tuple[Tensor, Tensor]:
     """``(grad_A, grad_B)`` = ``(scale * u.T @ x, scale * grad.T @ v)`` over all leading dims (``u = grad @ B``
-    when not given)."""
+    when not given), each in its factor's layout."""
     g2 = flat(grad).to(a.dtype)
     u2 = g2 @ b if u is None else flat(u)
-    return scaled_mm(u2.t(), flat(x).to(a.dtype), scale, a), scaled_mm(g2.t(), flat(v), scale, b)
+    return tn_like(u2, flat(x).to(a.dtype), scale, a), tn_like(g2, flat(v), scale, b)
 
 
 def grad_weight_reference(grad: Tensor, x: Tensor, transposed: bool) -> Tensor:
@@ -180,7 +199,13 @@ def triton_grad_factors(
     """:func:`grad_factors_reference` with lsrfx's reduction kernels (``v`` saved by the forward)."""
     g2, x2 = flat(grad), flat(x)
     u2 = tk.tn_matmul(g2.t(), b, 1.0, torch.float32, launch) if u is None else flat(u)
-    return tk.tn_matmul(u2, x2, scale, a.dtype, launch), tk.tn_matmul(g2, flat(v), scale, b.dtype, launch)
+
+    def like(lhs: Tensor, rhs: Tensor, factor: Tensor) -> Tensor:  # in the factor's layout, as the reference
+        if column_major(factor):
+            return tk.tn_matmul(rhs, lhs, scale, factor.dtype, launch).t()
+        return tk.tn_matmul(lhs, rhs, scale, factor.dtype, launch)
+
+    return like(u2, x2, a), like(g2, flat(v), b)
 
 
 @lowrank_linear_grad_factors.register_fake

@@ -1,8 +1,8 @@
 """``lsrfx::lsr_linear``: the fused adapted linear for LSR-Adapt, taking the Kronecker factors themselves.
 
-``A = sum_s A1[s] (x) A2[s]`` (``r x K``) and ``B = sum_s B1[s] (x) B2[s]`` (``N x r``) are formed once per call
-(on CUDA by lsrfx's expansion kernel, elsewhere by :func:`~lsrfx.kernels.kron_sum.kron_sum_reference`), then the
-low-rank forward runs on them. The op returns ``(out, v, A, B)``: ``v = x @ A.T`` and the small ``A`` and ``B``
+``A = sum_s A1[s] (x) A2[s]`` (``r x K``) and ``B = sum_s B1[s] (x) B2[s]`` (``N x r``, stored as ``B.T``) are
+formed once per call (on CUDA by lsrfx's expansion kernel, elsewhere by
+:func:`~lsrfx.kernels.kron_sum.kron_sum_reference`), then the low-rank forward runs on them. The op returns ``(out, v, A, B)``: ``v = x @ A.T`` and the small ``A`` and ``B``
 (``r x (K + N)`` values, never ``dW``) are non-differentiable outputs saved for the backward, so the backward
 neither re-forms them nor re-reads ``x`` for ``v``. The pass uses output 0. The backward runs the low-rank
 backward ops and chains the ``A``/``B`` gradients to the factors with
@@ -21,10 +21,14 @@ from lsrfx.kernels.lowrank_linear import fake_outputs, forward_body, linear_grad
 
 
 def kron_factors(a1: Tensor, a2: Tensor, b1: Tensor, b2: Tensor) -> tuple[Tensor, Tensor]:
-    """Dense ``(A, B)`` from LSR's factors: the Triton expansion kernel on CUDA, the torch reference elsewhere."""
+    """Dense ``(A, B)`` from LSR's factors: the Triton expansion kernel on CUDA, the torch reference elsewhere.
+
+    ``B`` (``N x r``) is formed as ``B.T = sum_s B1[s].T (x) B2[s].T`` and returned as its transpose view
+    (:func:`~lsrfx.kernels.lowrank_linear.column_major`): the reduction then ends in ``B2``'s long dimension, not in
+    ``r2``, which Inductor's C++ code would otherwise split into hundreds of OpenMP regions per call."""
     if use_triton(a1):
-        return tk.kron_expand(a1, a2, wrap_triton), tk.kron_expand(b1, b2, wrap_triton)
-    return kron_sum_reference(a1, a2), kron_sum_reference(b1, b2)
+        return tk.kron_expand(a1, a2, wrap_triton), tk.kron_expand(b1.mT, b2.mT, wrap_triton).t()
+    return kron_sum_reference(a1, a2), kron_sum_reference(b1.mT, b2.mT).t()
 
 
 @triton_op("lsrfx::lsr_linear", mutates_args=())
@@ -42,7 +46,7 @@ def lsr_linear(
 @lsr_linear.register_fake
 def _(x, w, bias, a1, a2, b1, b2, scale, transposed):
     a = a1.new_empty(a1.shape[1] * a2.shape[1], a1.shape[2] * a2.shape[2])
-    b = b1.new_empty(b1.shape[1] * b2.shape[1], b1.shape[2] * b2.shape[2])
+    b = b1.new_empty(b1.shape[2] * b2.shape[2], b1.shape[1] * b2.shape[1]).t()  # B.T's storage, as kron_factors
     return (*fake_outputs(x, w, a, transposed), a, b)
 
 
@@ -66,8 +70,9 @@ def _backward(ctx, grad: Tensor, *_unused: Tensor | None) -> tuple:
     ga1 = ga2 = gb1 = gb2 = None
     if grad_a is not None:
         ga1, ga2 = kron_sum_grads(grad_a, a1, a2, need_p=need_a1, need_q=need_a2)
-    if grad_b is not None:
-        gb1, gb2 = kron_sum_grads(grad_b, b1, b2, need_p=need_b1, need_q=need_b2)
+    if grad_b is not None:  # in B's layout: chained through B.T, as formed, and handed back as transposed views
+        gb1, gb2 = kron_sum_grads(grad_b.t(), b1.mT, b2.mT, need_p=need_b1, need_q=need_b2)
+        gb1, gb2 = (None if g is None else g.mT for g in (gb1, gb2))
     return grad_x, grad_w, grad_bias, ga1, ga2, gb1, gb2, None, None
 
 

@@ -111,7 +111,8 @@ def _factor_args(graph: fx.Graph, m: Match) -> list:
 
 def _products_as_reductions(graph: fx.Graph, m: Match) -> int:
     """Rewrite each dense factor that is a small 2-D matrix product (CondLoRA's ``C_A @ W0.T``, ``W0 @ C_B.T``) as
-    ``(P[:, :, None] * Q[None]).sum(1)``: Inductor generates it and its gradient as reductions that it fuses into
+    ``(P[:, :, None] * Q[None]).sum(1)`` (or the transpose of ``Q.T``'s with ``P.T``'s when the product has fewer
+    columns than rows): Inductor generates it and its gradient as reductions that it fuses into
     kernels the step launches anyway, instead of one BLAS call each way (see ``cost_model.SMALL_PRODUCT_FLOPS``).
     Updates ``m``; returns how many factors were rewritten."""
     if m.structure.feed is not None:
@@ -127,10 +128,17 @@ def _products_as_reductions(graph: fx.Graph, m: Match) -> int:
             continue
         if not cost_model.product_as_reduction(2 * _hint(out.numel()) * _hint(pv.shape[1])):
             continue
+        # A factor with fewer columns than rows (``W0 @ C_B.T``, ``N x r``) is formed as its transpose and used as a
+        # transposed view: see ``lowrank_linear.column_major`` for why the reduction must not end in ``r``.
+        wide_first = _hint(out.shape[1]) < _hint(out.shape[0])
         with graph.inserting_before(node):
+            if wide_first:
+                p, q = (graph.call_function(torch.t, (f,)) for f in (q, p))
             prod = graph.call_function(operator.mul, (graph.call_function(torch.unsqueeze, (p, 2)),
                                                       graph.call_function(torch.unsqueeze, (q, 0))))
             summed = graph.call_function(torch.sum, (prod, 1))
+            if wide_first:
+                summed = graph.call_function(torch.t, (summed,))
         summed.meta.update(node.meta)
         node.replace_all_uses_with(summed)
         graph.erase_node(node)
