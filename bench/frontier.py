@@ -37,7 +37,7 @@ from pathlib import Path
 
 OUT = Path(__file__).with_name("results") / "frontier"
 # Points that are variants of a method (another basis, base or recipe), plotted on their own, not on its line.
-VARIANT_TAGS = ("rbf", "mixed", "int8", "paper")
+VARIANT_TAGS = ("rbf", "mixed", "int8", "paper", "-lr")
 RUN_FLAGS = ("lr", "quantize")  # point options that are lsrfx finetune flags, not adapter options
 
 
@@ -60,6 +60,13 @@ def points(genlora_basis: str) -> dict[str, tuple[str, dict]]:
     for g, r in ((1, 16), (2, 16), (4, 32)):
         out[f"genlora-{genlora_basis}-g{g}r{r}"] = ("genlora", {"group_size": g, "r": r, "alpha": float(r),
                                                              "basis": genlora_basis})
+    # The learning-rate re-check under the current protocol: each method's default at its default lr / 3 and x 3
+    # (the defaults: lora 3e-3, lsr 1e-2, condlora 3e-3, genlora 1e-2; run with --out bench/results/lr_check)
+    defaults = {"lora-r8": ("lora", {}, (1e-3, 1e-2)), "lsr-s16": ("lsr", {}, (3e-3, 3e-2)),
+                "condlora-r8": ("condlora", {}, (1e-3, 1e-2)), "genlora-g2r32": ("genlora", {}, (3e-3, 3e-2))}
+    for name, (method, options, lrs) in defaults.items():
+        for lr in lrs:
+            out[f"{name}-lr{lr:.0e}".replace("e-0", "e-")] = (method, {**options, "lr": lr})
     return out
 
 
