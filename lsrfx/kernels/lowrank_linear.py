@@ -82,14 +82,14 @@ def grad_input_reference(
 
 
 def column_major(t: Tensor) -> bool:
-    """Whether the 2-D ``t`` is stored as the transpose of a contiguous matrix (and is not a vector).
+    """Whether the 2-D ``t`` (of more than one row) is stored as the transpose of a contiguous matrix.
 
     LSR's, CondLoRA's and GenLoRA's compiled ``B`` (``N x r``) is: each is formed as ``B.T``, because Inductor's C++
     backend vectorises a reduction along its output's last dimension and, when that dimension is shorter than one
     vector (``r``), torch 2.13 opens an OpenMP parallel region inside every output iteration (hundreds per call;
     each costs a scheduler time slice when another process holds a core). ``grad_B`` then takes ``B``'s layout, so
     the factor gradients read it along ``N`` too."""
-    return t.dim() == 2 and min(t.shape) > 1 and t.stride(0) == 1 and t.stride(1) == t.shape[0]
+    return t.dim() == 2 and t.shape[0] > 1 and t.stride(0) == 1 and t.stride(1) == t.shape[0]
 
 
 def tn_like(lhs: Tensor, rhs: Tensor, scale: float, like: Tensor) -> Tensor:

@@ -2,11 +2,11 @@
 
 ``A = sum_s A1[s] (x) A2[s]`` (``r x K``) and ``B = sum_s B1[s] (x) B2[s]`` (``N x r``, stored as ``B.T``) are
 formed once per call (on CUDA by lsrfx's expansion kernel, elsewhere by
-:func:`~lsrfx.kernels.kron_sum.kron_sum_reference`), then the low-rank forward runs on them. The op returns ``(out, v, A, B)``: ``v = x @ A.T`` and the small ``A`` and ``B``
-(``r x (K + N)`` values, never ``dW``) are non-differentiable outputs saved for the backward, so the backward
-neither re-forms them nor re-reads ``x`` for ``v``. The pass uses output 0. The backward runs the low-rank
-backward ops and chains the ``A``/``B`` gradients to the factors with
-:func:`~lsrfx.kernels.kron_sum.kron_sum_grads`.
+:func:`~lsrfx.kernels.kron_sum.kron_sum_reference`), then the low-rank forward runs on them. The op returns
+``(out, v, A, B)``: ``v = x @ A.T`` and the small ``A`` and ``B`` (``r x (K + N)`` values, never ``dW``) are
+non-differentiable outputs saved for the backward, so the backward neither re-forms them nor re-reads ``x`` for
+``v``. The pass uses output 0. The backward runs the low-rank backward ops and chains the ``A``/``B`` gradients
+to the factors with :func:`~lsrfx.kernels.kron_sum.kron_sum_grads`.
 """
 
 from __future__ import annotations
