@@ -65,6 +65,7 @@ def test_detector_finds_a_nested_region() -> None:
 
 @pytest.mark.parametrize("method", list(METHODS))
 def test_no_parallel_region_inside_a_loop(method: str) -> None:
+    torch._dynamo.reset()
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(384, 384), nn.GELU(), nn.Linear(384, 384))
     lsrfx.adapt(model, method=method, targets=["0", "2"], **METHODS[method])
@@ -83,3 +84,31 @@ def test_no_parallel_region_inside_a_loop(method: str) -> None:
     assert len(sources) == 2 and all(total > 0 for total, _ in regions)  # forward and backward, both parallel
     nested = [kernel for _, kernels in regions for kernel in kernels]
     assert nested == [], f"{method}: OpenMP parallel regions inside loops in {nested}"
+
+
+RANK_ONE = {"lora": dict(r=1), "lsr": dict(r1=1, r2=1, separation_rank=2), "condlora": dict(r=1),
+            "genlora": dict(r=1)}
+
+
+@pytest.mark.parametrize("method", list(RANK_ONE))
+def test_rank_one_factors_compiled_equal_eager(method: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A rank-1 ``B`` (``N x 1``) is both row- and column-major: its gradient's layout must still match."""
+    monkeypatch.setenv("LSRFX_FUSE", "always")  # the cost rule would materialise layers this small
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 24), nn.GELU(), nn.Linear(24, 24))
+    lsrfx.adapt(model, method=method, targets=["0", "2"], **RANK_ONE[method])
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    with torch.no_grad():  # dW != 0, so that every factor gets a gradient
+        for p in params.values():
+            p.add_(0.1 * torch.randn_like(p))
+    x = torch.randn(4, 5, 32)
+    model(x).pow(2).mean().backward()
+    eager = {n: p.grad.clone() for n, p in params.items()}
+    model.zero_grad()
+    counters.clear()
+    with torch._inductor.config.patch({"fx_graph_cache": False}):
+        torch.compile(model)(x).pow(2).mean().backward()
+    assert counters["lsrfx"]["fused"] == 2
+    for name, p in params.items():
+        torch.testing.assert_close(p.grad, eager[name], atol=1e-5, rtol=1e-4, msg=name)
