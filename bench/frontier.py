@@ -38,7 +38,7 @@ from pathlib import Path
 
 OUT = Path(__file__).with_name("results") / "frontier"
 # Points that are variants of a method (another basis, base or recipe), plotted on their own, not on its line.
-VARIANT_TAGS = ("rbf", "mixed", "int8", "paper", "-lr")
+VARIANT_TAGS = ("rbf", "mixed", "int8", "paper", "-lr", "r2x4", "r4x4")
 RUN_FLAGS = ("lr", "quantize")  # point options that are lsrfx finetune flags, not adapter options
 
 

@@ -41,14 +41,10 @@ from collections.abc import Callable
 import torch
 from torch import nn
 from torch._dynamo.utils import counters
-from train_step import profiled_peak_mb  # bench/ is on sys.path when run as a script
+from train_step import METHODS, PEFT_LORA, profiled_peak_mb  # bench/ is on sys.path when run as a script
 
 import lsrfx
 
-# The method options of bench/train_step.py (each method's defaults; LoRA spelled out like peft's r = alpha = 8).
-METHODS = {"lora": dict(r=8, alpha=8.0), "lsr": dict(r1=2, r2=2, separation_rank=16), "condlora": dict(r=8),
-           "genlora": dict(r=32)}
-PEFT_LORA = dict(r=8, lora_alpha=8, target_modules=["query", "value"], lora_dropout=0.0)
 EXTERN = ("aten::mm", "aten::addmm", "aten::bmm")
 
 

@@ -24,14 +24,10 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
-from train_step import make_step, profiled_peak_mb  # bench/ is on sys.path when run as a script
+from train_step import METHODS, PEFT_LORA, make_step, profiled_peak_mb  # bench/ is on sys.path when run as a script
 
 import lsrfx
 from lsrfx.quantized_base import storage_bytes
-
-METHODS = {"lora": dict(r=8, alpha=8.0), "lsr": dict(r1=2, r2=2, separation_rank=16), "condlora": dict(r=8),
-           "genlora": dict(r=32)}
-PEFT_LORA = dict(r=8, lora_alpha=8, target_modules=["query", "value"], lora_dropout=0.0)
 
 
 def bert(hidden: int, layers: int, base: str) -> nn.Module:

@@ -26,8 +26,9 @@ Variants (``--variants`` picks a subset by key; the floor and peft compiled are 
   code is an error;
 * ``lora-eager``, ``lsr-eager``, ``condlora-eager``, ``genlora-eager`` (not in the default set): lsrfx unfused.
 
-Every adapter targets ``query`` and ``value``; methods use their defaults (LoRA r = 8, alpha 8; LSR r1 = r2 = 2,
-S = 16; CondLoRA r = 8; GenLoRA r = 32). Inputs are random ``inputs_embeds`` of ``--batch x --seq``; the model is
+Every adapter targets ``query`` and ``value``; methods use ``METHODS`` below (LoRA r = 8, alpha 8; LSR-Adapt at the
+paper's r1 = r2 = 2, S = 16, its default until rank 8 replaced it, kept so that the recorded tables stay
+comparable; CondLoRA r = 8; GenLoRA r = 32). Inputs are random ``inputs_embeds`` of ``--batch x --seq``; the model is
 in train mode (dropout on, as in fine-tuning).
 
 What each column measures:
@@ -96,6 +97,7 @@ from torch._dynamo.utils import counters
 
 import lsrfx
 
+# The adapter options every bench/ timing script uses (bench/kernel_count.py and bench/quantized_base.py import them).
 METHODS = {"lora": dict(r=8, alpha=8.0), "lsr": dict(r1=2, r2=2, separation_rank=16), "condlora": dict(r=8),
            "genlora": dict(r=32)}
 PEFT_LORA = dict(r=8, lora_alpha=8, target_modules=["query", "value"], lora_dropout=0.0)

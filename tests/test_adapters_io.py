@@ -12,6 +12,7 @@ from safetensors import safe_open
 from torch import nn
 
 import lsrfx
+from lsrfx.adapters.lsr import LSRConfig
 from lsrfx.api import adapt_state
 from lsrfx.parametrization import adapted_layers, adapter_parameters
 
@@ -77,7 +78,8 @@ def test_files_are_small_and_config_is_readable(tmp_path) -> None:
     model = lsrfx.adapt(bert(hidden_size=128, intermediate_size=256), method="lsr", targets=["query", "value"])
     lsrfx.save_adapters(model, tmp_path)
     config = json.loads((tmp_path / "adapter_config.json").read_text())
-    assert config["method"] == "lsr" and config["options"]["separation_rank"] == 16
+    assert config["method"] == "lsr" and config["options"]["separation_rank"] == LSRConfig().separation_rank
+    assert (config["options"]["r1"], config["options"]["r2"]) == (LSRConfig().r1, LSRConfig().r2)
     assert config["targets"] == ["query", "value"] and config["lsrfx_version"] == lsrfx.__version__
     assert sorted(config["layers"]) == sorted(n for n, _, _ in adapted_layers(model))
     assert all(len(fp["sha256"]) == 64 for fp in config["layers"].values())
