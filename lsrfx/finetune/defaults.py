@@ -8,8 +8,8 @@ DEFAULT_TARGETS = ("query", "value")
 # methods get there too; the epoch with the best validation score is kept and PATIENCE ends a run whose score has
 # stopped improving, so a longer plan costs no accuracy. 6, to keep the default run (LSR, seed 0, eager, ONNX export)
 # under 3 minutes on a 2-core CPU: 54 steps/epoch at batch 32 (1,698 training texts), so 324 steps; measured
-# (`time lsrfx finetune`, 2026-11-22, 2 threads, load average 0.37 before): 101 s wall = 86 s training (median step
-# 222 ms, plus ~2 s of validation per epoch) + ~15 s loading, test and ONNX export. At the 316 ms steps of a machine
+# (`time lsrfx finetune`, 2026-11-22, 2 threads, load average 0.4 before, LSR-Adapt rank 8): 102 s wall = 85 s
+# training (median step 221 ms, plus ~2 s of validation per epoch) + ~16 s loading, test and ONNX export. At the 316 ms steps of a machine
 # with one other job that is ~130 s; 8 epochs would be ~170 s, too close to the limit (1 thread on a busy machine).
 EPOCHS = 6
 PATIENCE = 3  # epochs without a better validation score before stopping (0: never stop early)
