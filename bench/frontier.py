@@ -5,8 +5,8 @@ best validation epoch kept, early stopping) in its own process with one thread; 
 side (accuracy does not depend on timing). Budgets are matched to LoRA r = 1, 2, 4, 8 (768 r adapter parameters per
 384 x 384 layer, 12 layers) within 15 %:
 
-* LSR-Adapt r1 = r2 = 2: 160 S per layer, so S = 5, 10, 19, 38 (plus the default S = 16); at the default's
-  budget also rank 8 (r1 = 2, r2 = 4, S = 11) and rank 16 (r1 = r2 = 4, S = 8);
+* LSR-Adapt at the paper's r1 = r2 = 2: 160 S per layer, so S = 5, 10, 19, 38 (plus the paper's S = 16); at that
+  budget also rank 8 (r1 = 2, r2 = 4, S = 11: lsrfx's default) and rank 16 (r1 = r2 = 4, S = 8);
 * CondLoRA: 768 r per group of 6 layers (one pair shared by the 6 query and by the 6 value layers), so r = 6, 12,
   24, 48 equal LoRA r = 1, 2, 4, 8 exactly (plus the default r = 8);
 * GenLoRA: g (768) + 2 r (g + 2) per layer (basis rbf or centred; ``--genlora-basis``), so (g, r) = (1, 16),
@@ -47,15 +47,16 @@ def points(genlora_basis: str) -> dict[str, tuple[str, dict]]:
     out: dict[str, tuple[str, dict]] = {}
     for r in (1, 2, 4, 8):
         out[f"lora-r{r}"] = ("lora", {"r": r, "alpha": float(r)})  # scale 1, as the default r = alpha = 8
+    paper_rank = {"r1": 2, "r2": 2}  # LSR-Adapt's budget sweep, paper recipe and int8 point: the paper's rank 4
     for s in (5, 10, 16, 19, 38):
-        out[f"lsr-s{s}"] = ("lsr", {"separation_rank": s})
+        out[f"lsr-s{s}"] = ("lsr", {**paper_rank, "separation_rank": s})
     # LSR-Adapt's rank r1 r2 at its default budget (S (r1 (24 + 24) + r2 (16 + 16)) per layer: 2,560 at the default)
     out["lsr-r2x4-s11"] = ("lsr", {"r1": 2, "r2": 4, "separation_rank": 11})  # rank 8, 2,464 per layer
     out["lsr-r4x4-s8"] = ("lsr", {"r1": 4, "r2": 4, "separation_rank": 8})  # rank 16, 2,560 per layer
     # LSR-Adapt's paper recipe: N(0, 0.01^2) factors, scale 4096 (alpha 16384 at r1 = r2 = 2), lr 5e-4
-    out["lsr-paper"] = ("lsr", {"init": "paper", "alpha": 16384.0, "lr": 5e-4})
-    out["lsr-paper-lr1e-3"] = ("lsr", {"init": "paper", "alpha": 16384.0, "lr": 1e-3})
-    out["lsr-s16-int8"] = ("lsr", {"separation_rank": 16, "quantize": "int8"})  # over an int8 base (torchao)
+    out["lsr-paper"] = ("lsr", {**paper_rank, "init": "paper", "alpha": 16384.0, "lr": 5e-4})
+    out["lsr-paper-lr1e-3"] = ("lsr", {**paper_rank, "init": "paper", "alpha": 16384.0, "lr": 1e-3})
+    out["lsr-s16-int8"] = ("lsr", {**paper_rank, "separation_rank": 16, "quantize": "int8"})  # over torchao int8
     for r in (6, 8, 12, 24, 48):
         out[f"condlora-r{r}"] = ("condlora", {"r": r, "alpha": float(r)})
     # GenLoRA's bases at the default budget (r = 32, g = 2; mixed: r = m = 20, g = 1 fits under 30 % of LoRA r=8)
@@ -66,8 +67,10 @@ def points(genlora_basis: str) -> dict[str, tuple[str, dict]]:
         out[f"genlora-{genlora_basis}-g{g}r{r}"] = ("genlora", {"group_size": g, "r": r, "alpha": float(r),
                                                              "basis": genlora_basis})
     # The learning-rate re-check under the current protocol: each method's default at its default lr / 3 and x 3
-    # (the defaults: lora 3e-3, lsr 1e-2, condlora 3e-3, genlora 1e-2; run with --out bench/results/lr_check)
-    defaults = {"lora-r8": ("lora", {}, (1e-3, 1e-2)), "lsr-s16": ("lsr", {}, (3e-3, 3e-2)),
+    # (the defaults: lora 3e-3, lsr 1e-2, condlora 3e-3, genlora 1e-2; run with --out bench/results/lr_check; LSR-Adapt
+    # at the paper's rank 4, its default then)
+    defaults = {"lora-r8": ("lora", {}, (1e-3, 1e-2)), "lsr-s16": ("lsr", {**paper_rank, "separation_rank": 16},
+                                                                   (3e-3, 3e-2)),
                 "condlora-r8": ("condlora", {}, (1e-3, 1e-2)), "genlora-g2r32": ("genlora", {}, (3e-3, 3e-2))}
     for name, (method, options, lrs) in defaults.items():
         for lr in lrs:

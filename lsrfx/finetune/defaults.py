@@ -9,8 +9,9 @@ DEFAULT_TARGETS = ("query", "value")
 # stopped improving, so a longer plan costs no accuracy. 6, to keep the default run (LSR, seed 0, eager, ONNX export)
 # under 3 minutes on a 2-core CPU: 54 steps/epoch at batch 32 (1,698 training texts), so 324 steps; measured
 # (`time lsrfx finetune`, 2026-11-22, 2 threads, load average 0.4 before, LSR-Adapt rank 8): 102 s wall = 85 s
-# training (median step 221 ms, plus ~2 s of validation per epoch) + ~16 s loading, test and ONNX export. At the 316 ms steps of a machine
-# with one other job that is ~130 s; 8 epochs would be ~170 s, too close to the limit (1 thread on a busy machine).
+# training (median step 221 ms, plus ~2 s of validation per epoch) + ~16 s loading, test and ONNX export. At the
+# 316 ms steps of a machine with one other job that is ~130 s; 8 epochs would be ~170 s, too close to the limit
+# (1 thread on a busy machine).
 EPOCHS = 6
 PATIENCE = 3  # epochs without a better validation score before stopping (0: never stop early)
 WARMUP_FRACTION = 0.1  # share of the planned steps with a linear warm-up, then linear decay to 0
