@@ -92,12 +92,12 @@ def column_major(t: Tensor) -> bool:
     return t.dim() == 2 and t.shape[0] > 1 and t.stride(0) == 1 and t.stride(1) == t.shape[0]
 
 
-def tn_like(lhs: Tensor, rhs: Tensor, scale: float, like: Tensor) -> Tensor:
-    """``scale * lhs.T @ rhs`` (one BLAS call) in the layout of ``like``, its shape: row-major, or the transpose of
-    ``scale * rhs.T @ lhs`` when ``like`` is :func:`column_major`."""
+def tn_like(tn: Callable[[Tensor, Tensor, Tensor], Tensor], lhs: Tensor, rhs: Tensor, like: Tensor) -> Tensor:
+    """``lhs.T @ rhs`` computed by ``tn(lhs, rhs, like)`` in the layout of ``like``, its shape (a factor): row-major,
+    or the transpose of ``tn(rhs, lhs, like.T)`` when ``like`` is :func:`column_major`."""
     if column_major(like):
-        return scaled_mm(rhs.t(), lhs, scale, like.t()).t()
-    return scaled_mm(lhs.t(), rhs, scale, like)
+        return tn(rhs, lhs, like.t()).t()
+    return tn(lhs, rhs, like)
 
 
 def grad_factors_reference(
@@ -107,7 +107,11 @@ def grad_factors_reference(
     when not given), each in its factor's layout."""
     g2 = flat(grad).to(a.dtype)
     u2 = g2 @ b if u is None else flat(u)
-    return tn_like(u2, flat(x).to(a.dtype), scale, a), tn_like(g2, flat(v), scale, b)
+
+    def tn(lhs: Tensor, rhs: Tensor, like: Tensor) -> Tensor:  # one BLAS call, scale included
+        return scaled_mm(lhs.t(), rhs, scale, like)
+
+    return tn_like(tn, u2, flat(x).to(a.dtype), a), tn_like(tn, g2, flat(v), b)
 
 
 def grad_weight_reference(grad: Tensor, x: Tensor, transposed: bool) -> Tensor:
@@ -200,12 +204,10 @@ def triton_grad_factors(
     g2, x2 = flat(grad), flat(x)
     u2 = tk.tn_matmul(g2.t(), b, 1.0, torch.float32, launch) if u is None else flat(u)
 
-    def like(lhs: Tensor, rhs: Tensor, factor: Tensor) -> Tensor:  # in the factor's layout, as the reference
-        if column_major(factor):
-            return tk.tn_matmul(rhs, lhs, scale, factor.dtype, launch).t()
-        return tk.tn_matmul(lhs, rhs, scale, factor.dtype, launch)
+    def tn(lhs: Tensor, rhs: Tensor, like: Tensor) -> Tensor:
+        return tk.tn_matmul(lhs, rhs, scale, like.dtype, launch)
 
-    return like(u2, x2, a), like(g2, flat(v), b)
+    return tn_like(tn, u2, x2, a), tn_like(tn, g2, flat(v), b)
 
 
 @lowrank_linear_grad_factors.register_fake
