@@ -4,7 +4,8 @@ torch 2.13's C++ backend does so for a reduction whose output ends in a dimensio
 ``B`` ends in ``r2 = 2``, CondLoRA's ``W0 @ C_B.T`` in ``r = 8``, GenLoRA's centres in ``g = 2``): it then forks the
 thread team inside every output iteration, hundreds of times per call, which a busy core turns into a scheduler
 time slice each (``bench/train_step.py``'s busy scenario). lsrfx forms those factors transposed; this pins it for
-every method at a transformer's layer size, on the fused path ``torch.compile`` takes for a training batch.
+every method at a transformer's layer size, on the fused path ``torch.compile`` takes for a training batch and on
+the materialised one.
 """
 
 from __future__ import annotations
@@ -63,8 +64,12 @@ def test_detector_finds_a_nested_region() -> None:
     assert parallel_regions(source) == (2, ["cpp_fused_k"])
 
 
+@pytest.mark.parametrize("fuse", ["always", "never"], ids=["fused", "materialised"])
 @pytest.mark.parametrize("method", list(METHODS))
-def test_no_parallel_region_inside_a_loop(method: str) -> None:
+def test_no_parallel_region_inside_a_loop(method: str, fuse: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every method fused and materialised (``LSRFX_FUSE=never``: ``dW`` formed by the ``compose`` op, LSR-Adapt's
+    ``A`` and ``B`` by the ``kron_sum`` op)."""
+    monkeypatch.setenv("LSRFX_FUSE", fuse)
     torch._dynamo.reset()
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(384, 384), nn.GELU(), nn.Linear(384, 384))
@@ -79,7 +84,7 @@ def test_no_parallel_region_inside_a_loop(method: str) -> None:
     # Two threads whatever the machine has, so that Inductor writes its OpenMP code; its caches off, so it compiles.
     with torch._inductor.config.patch({"cpp.threads": 2, "fx_graph_cache": False}):
         _, sources = run_and_get_code(step)
-    assert counters["lsrfx"]["fused"] == 2, "the test needs the fused path"
+    assert counters["lsrfx"]["fused" if fuse == "always" else "materialised"] == 2
     regions = [parallel_regions(source) for source in sources]
     assert len(sources) == 2 and all(total > 0 for total, _ in regions)  # forward and backward, both parallel
     nested = [kernel for _, kernels in regions for kernel in kernels]

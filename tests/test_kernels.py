@@ -334,12 +334,21 @@ def test_dispatch_choose_asks_the_chooser_only_when_triton_can_run(monkeypatch):
 # --- the torch reference bodies (what Inductor compiles off CUDA), against dense math and autograd ------------
 
 
-def test_kron_sum_and_its_gradient_match_torch_kron():
+@pytest.mark.parametrize("shape", ["wide", "tall"])
+def test_kron_sum_and_its_gradient_match_torch_kron(shape):
+    """Both layouts: a wide sum (A-like, fewer rows than columns) is formed row-major, a tall one (B-like) as its
+    transpose; values, gradients and the fake function's strides (``opcheck``) agree with dense math either way."""
     from lsrfx.kernels.kron_sum import kron_sum_grads, kron_sum_reference
 
-    p = torch.randn(3, 2, 5, dtype=torch.float64, requires_grad=True)
-    q = torch.randn(3, 4, 3, dtype=torch.float64, requires_grad=True)
+    p = torch.randn(3, 2, 5, dtype=torch.float64)
+    q = torch.randn(3, 4, 3, dtype=torch.float64)
+    if shape == "tall":
+        p, q = p.mT.contiguous(), q.mT.contiguous()
+    p.requires_grad_(), q.requires_grad_()
     dense = dense_kron_sum(p, q)
+    op_out = torch.ops.lsrfx.kron_sum(p, q)
+    assert op_out.is_contiguous() == (shape == "wide") and op_out.t().is_contiguous() == (shape == "tall")
+    torch.library.opcheck(torch.ops.lsrfx.kron_sum, (p, q))
     torch.testing.assert_close(kron_sum_reference(p, q), dense)
     g = torch.randn_like(dense)
     want = torch.autograd.grad(dense, (p, q), g)
@@ -348,6 +357,28 @@ def test_kron_sum_and_its_gradient_match_torch_kron():
         torch.testing.assert_close(a, b)
     assert kron_sum_grads(g, p, q, need_p=False)[0] is None and kron_sum_grads(g, p, q, need_q=False)[1] is None
     torch.testing.assert_close(torch.autograd.grad(torch.ops.lsrfx.kron_sum(p, q), (p, q), g), want)  # the op
+
+
+@pytest.mark.parametrize("b_layout", ["row-major", "column-major"])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_compose_gradients_match_dense_autograd_in_the_factors_layout(transposed, b_layout):
+    """``compose``'s backward gives autograd's gradients of the dense ``W0 + s*B@A``, and ``grad_B`` in ``B``'s own
+    layout (a ``B`` formed as ``B.T``, as LSR-Adapt's and GenLoRA's are, gets a column-major gradient)."""
+    from lsrfx.kernels.compose import compose_reference
+
+    n, k, r, scale = 10, 12, 3, 0.7
+    w0 = torch.randn(k, n) if transposed else torch.randn(n, k)
+    a = torch.randn(r, k, dtype=torch.float64, requires_grad=True)
+    b_storage = torch.randn(r, n, dtype=torch.float64) if b_layout == "column-major" else None
+    b = (b_storage.t() if b_storage is not None else torch.randn(n, r, dtype=torch.float64)).requires_grad_()
+    w0 = w0.double()
+    g = torch.randn_like(w0)
+    want = torch.autograd.grad(compose_reference(w0, a, b, scale, transposed), (a, b), g)
+    got = torch.autograd.grad(torch.ops.lsrfx.compose(w0, a, b, scale, transposed), (a, b), g)
+    for x, y in zip(got, want, strict=True):
+        torch.testing.assert_close(x, y)
+    assert got[1].stride() == b.stride()
+    torch.library.opcheck(torch.ops.lsrfx.compose, (w0, a, b, scale, transposed))
 
 
 @pytest.mark.parametrize("transposed", [False, True])

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from lsrfx.kernels.lowrank_linear import column_major
 from lsrfx.utils import quiet_logger
 
 
@@ -51,7 +52,9 @@ def _backward(ctx, grad: Tensor) -> tuple:
     g = grad.t() if ctx.transposed else grad  # (d_out, d_in)
     g_f = g.to(a.dtype) * ctx.scale
     grad_a = b.t() @ g_f if ctx.needs_input_grad[1] else None
-    grad_b = g_f @ a.t() if ctx.needs_input_grad[2] else None
+    grad_b = None
+    if ctx.needs_input_grad[2]:  # in B's layout: B formed as B.T is read along N (lowrank_linear.column_major)
+        grad_b = (a @ g_f.t()).t() if column_major(b) else g_f @ a.t()
     grad_w0 = grad if ctx.needs_input_grad[0] else None
     return grad_w0, grad_a, grad_b, None, None
 

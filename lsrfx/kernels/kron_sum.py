@@ -35,9 +35,43 @@ def kron_sum_grads(grad: Tensor, p: Tensor, q: Tensor, need_p: bool = True,
     return grad_p, grad_q
 
 
-def _kron_sum(p: Tensor, q: Tensor) -> Tensor:
-    """Sum of Kronecker products; see :func:`kron_sum_reference`."""
+def formed_transposed(p: Tensor, q: Tensor) -> bool:
+    """Whether ``M = sum_k kron(P[k], Q[k])`` is formed as ``M.T`` and handed out as its transpose view: when it
+    has fewer columns than rows (LSR-Adapt's ``B``, ``N x r``).
+
+    Inductor's C++ backend vectorises a reduction along its output's last dimension; when that dimension is shorter
+    than one vector (``r2`` of ``B``'s ``(N1, N2, r1, r2)`` blocks), torch 2.13 opens an OpenMP parallel region inside
+    every output iteration (hundreds per call; each costs a scheduler time slice when another process holds a core).
+    Formed as ``M.T``, the reduction ends in ``N2``, and the factor gradients (ending in ``N1`` / ``N2``) likewise."""
+    return p.shape[2] * q.shape[2] < p.shape[1] * q.shape[1]
+
+
+def kron_sum_formed(p: Tensor, q: Tensor) -> Tensor:
+    """:func:`kron_sum_reference` in the layout :func:`formed_transposed` chooses (same values)."""
+    if formed_transposed(p, q):
+        return kron_sum_reference(p.mT, q.mT).t()
     return kron_sum_reference(p, q)
+
+
+def kron_sum_empty(p: Tensor, q: Tensor) -> Tensor:
+    """An empty tensor of :func:`kron_sum_formed`'s shape, dtype and layout (what the ops' fake functions return)."""
+    rows, cols = p.shape[1] * q.shape[1], p.shape[2] * q.shape[2]
+    return p.new_empty(cols, rows).t() if formed_transposed(p, q) else p.new_empty(rows, cols)
+
+
+def kron_sum_grads_formed(grad: Tensor, p: Tensor, q: Tensor, need_p: bool = True,
+                          need_q: bool = True) -> tuple[Tensor | None, Tensor | None]:
+    """:func:`kron_sum_grads` chained the way :func:`kron_sum_formed` formed ``M``: through ``M.T`` when it was
+    formed transposed, the factor gradients then handed back as transposed views."""
+    if not formed_transposed(p, q):
+        return kron_sum_grads(grad, p, q, need_p, need_q)
+    grad_pt, grad_qt = kron_sum_grads(grad.t(), p.mT, q.mT, need_p, need_q)
+    return (None if grad_pt is None else grad_pt.mT), (None if grad_qt is None else grad_qt.mT)
+
+
+def _kron_sum(p: Tensor, q: Tensor) -> Tensor:
+    """Sum of Kronecker products; see :func:`kron_sum_reference` and, for the layout, :func:`formed_transposed`."""
+    return kron_sum_formed(p, q)
 
 
 # A triton_op without Triton kernels, so that Inductor compiles its body where the op stays in a graph (a
@@ -49,7 +83,7 @@ with quiet_logger("torch._library.triton"):
 
 @kron_sum.register_fake
 def _(p: Tensor, q: Tensor) -> Tensor:
-    return p.new_empty(p.shape[1] * q.shape[1], p.shape[2] * q.shape[2])
+    return kron_sum_empty(p, q)
 
 
 def _setup_context(ctx, inputs: tuple, output: Tensor) -> None:
@@ -58,7 +92,7 @@ def _setup_context(ctx, inputs: tuple, output: Tensor) -> None:
 
 def _backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:
     p, q = ctx.saved_tensors
-    return kron_sum_grads(grad, p, q, need_p=ctx.needs_input_grad[0], need_q=ctx.needs_input_grad[1])
+    return kron_sum_grads_formed(grad, p, q, need_p=ctx.needs_input_grad[0], need_q=ctx.needs_input_grad[1])
 
 
 kron_sum.register_autograd(_backward, setup_context=_setup_context)

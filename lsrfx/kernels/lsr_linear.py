@@ -1,12 +1,11 @@
 """``lsrfx::lsr_linear``: the fused adapted linear for LSR-Adapt, taking the Kronecker factors themselves.
 
 ``A = sum_s A1[s] (x) A2[s]`` (``r x K``) and ``B = sum_s B1[s] (x) B2[s]`` (``N x r``, stored as ``B.T``) are
-formed once per call (on CUDA by lsrfx's expansion kernel, elsewhere by
-:func:`~lsrfx.kernels.kron_sum.kron_sum_reference`), then the low-rank forward runs on them. The op returns
-``(out, v, A, B)``: ``v = x @ A.T`` and the small ``A`` and ``B`` (``r x (K + N)`` values, never ``dW``) are
-non-differentiable outputs saved for the backward, so the backward neither re-forms them nor re-reads ``x`` for
-``v``. The pass uses output 0. The backward runs the low-rank backward ops and chains the ``A``/``B`` gradients
-to the factors with :func:`~lsrfx.kernels.kron_sum.kron_sum_grads`.
+formed once per call (on CUDA by lsrfx's expansion kernel, elsewhere as the ``kron_sum`` op's body forms them),
+then the low-rank forward runs on them. The op returns ``(out, v, A, B)``: ``v = x @ A.T`` and the small ``A`` and
+``B`` (``r x (K + N)`` values, never ``dW``) are non-differentiable outputs saved for the backward, so the backward
+neither re-forms them nor re-reads ``x`` for ``v``. The pass uses output 0. The backward runs the low-rank backward ops and chains the ``A``/``B`` gradients
+to the factors with :func:`~lsrfx.kernels.kron_sum.kron_sum_grads_formed`.
 """
 
 from __future__ import annotations
@@ -16,19 +15,25 @@ from torch.library import triton_op, wrap_triton
 
 from lsrfx.kernels import triton_matmul as tk
 from lsrfx.kernels.dispatch import use_triton
-from lsrfx.kernels.kron_sum import kron_sum_grads, kron_sum_reference
+from lsrfx.kernels.kron_sum import formed_transposed, kron_sum_empty, kron_sum_formed, kron_sum_grads_formed
 from lsrfx.kernels.lowrank_linear import fake_outputs, forward_body, linear_grads
 
 
 def kron_factors(a1: Tensor, a2: Tensor, b1: Tensor, b2: Tensor) -> tuple[Tensor, Tensor]:
     """Dense ``(A, B)`` from LSR's factors: the Triton expansion kernel on CUDA, the torch reference elsewhere.
 
-    ``B`` (``N x r``) is formed as ``B.T = sum_s B1[s].T (x) B2[s].T`` and returned as its transpose view
-    (:func:`~lsrfx.kernels.lowrank_linear.column_major`): the reduction then ends in ``B2``'s long dimension, not in
-    ``r2``, which Inductor's C++ code would otherwise split into hundreds of OpenMP regions per call."""
-    if use_triton(a1):
-        return tk.kron_expand(a1, a2, wrap_triton), tk.kron_expand(b1.mT, b2.mT, wrap_triton).t()
-    return kron_sum_reference(a1, a2), kron_sum_reference(b1.mT, b2.mT).t()
+    Each in the layout :func:`~lsrfx.kernels.kron_sum.formed_transposed` chooses, as the ``kron_sum`` op forms it:
+    ``B`` (``N x r``) is formed as ``B.T = sum_s B1[s].T (x) B2[s].T`` and returned as its transpose view (the
+    reduction then ends in ``B2``'s long dimension, not in ``r2``)."""
+    if not use_triton(a1):
+        return kron_sum_formed(a1, a2), kron_sum_formed(b1, b2)
+
+    def expand(p: Tensor, q: Tensor) -> Tensor:
+        if formed_transposed(p, q):
+            return tk.kron_expand(p.mT, q.mT, wrap_triton).t()
+        return tk.kron_expand(p, q, wrap_triton)
+
+    return expand(a1, a2), expand(b1, b2)
 
 
 @triton_op("lsrfx::lsr_linear", mutates_args=())
@@ -45,8 +50,7 @@ def lsr_linear(
 
 @lsr_linear.register_fake
 def _(x, w, bias, a1, a2, b1, b2, scale, transposed):
-    a = a1.new_empty(a1.shape[1] * a2.shape[1], a1.shape[2] * a2.shape[2])
-    b = b1.new_empty(b1.shape[2] * b2.shape[2], b1.shape[1] * b2.shape[1]).t()  # B.T's storage, as kron_factors
+    a, b = kron_sum_empty(a1, a2), kron_sum_empty(b1, b2)  # each in kron_factors' layout
     return (*fake_outputs(x, w, a, transposed), a, b)
 
 
@@ -68,11 +72,10 @@ def _backward(ctx, grad: Tensor, *_unused: Tensor | None) -> tuple:
         grad, x, w, a, b, v, needs=ctx.needs, scale=ctx.scale, transposed=ctx.transposed
     )
     ga1 = ga2 = gb1 = gb2 = None
-    if grad_a is not None:
-        ga1, ga2 = kron_sum_grads(grad_a, a1, a2, need_p=need_a1, need_q=need_a2)
-    if grad_b is not None:  # in B's layout: chained through B.T, as formed, and handed back as transposed views
-        gb1, gb2 = kron_sum_grads(grad_b.t(), b1.mT, b2.mT, need_p=need_b1, need_q=need_b2)
-        gb1, gb2 = (None if g is None else g.mT for g in (gb1, gb2))
+    if grad_a is not None:  # each chained the way kron_factors formed it (grad_B in B's layout, through B.T)
+        ga1, ga2 = kron_sum_grads_formed(grad_a, a1, a2, need_p=need_a1, need_q=need_a2)
+    if grad_b is not None:
+        gb1, gb2 = kron_sum_grads_formed(grad_b, b1, b2, need_p=need_b1, need_q=need_b2)
     return grad_x, grad_w, grad_bias, ga1, ga2, gb1, gb2, None, None
 
 
