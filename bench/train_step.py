@@ -16,6 +16,8 @@ Variants (``--variants`` picks a subset by key; the floor and peft compiled are 
 * ``floor``: ``base floor (compiled)``: no adapter, frozen base, but the full input-gradient backward (the
   embeddings' output requires grad, AdamW steps it), i.e. the least any adapter can cost;
 * ``peft-eager``, ``peft``: ``peft`` LoRA r = 8 (alpha 8) eager and ``torch.compile``d;
+* ``peft-r32`` (not in the default set): ``peft`` LoRA r = 32 (alpha 32) compiled, GenLoRA's rank: what any
+  rank-32 adapter's products cost, for reference (the targets stay against r = 8);
 * ``lora``, ``lsr``, ``condlora``, ``genlora``: ``torch.compile(lsrfx.adapt(model, method))``, default Inductor
   backend, the lsrfx pass deciding per node by its cost model (``LSRFX_FUSE=auto``; "compiled" rows);
 * ``lora-materialised``, ... : the same compiled with ``LSRFX_FUSE=never`` ("materialised" rows: ``W0 + dW`` is
@@ -26,9 +28,8 @@ Variants (``--variants`` picks a subset by key; the floor and peft compiled are 
   code is an error;
 * ``lora-eager``, ``lsr-eager``, ``condlora-eager``, ``genlora-eager`` (not in the default set): lsrfx unfused.
 
-Every adapter targets ``query`` and ``value``; methods use ``METHODS`` below (LoRA r = 8, alpha 8; LSR-Adapt at the
-paper's r1 = r2 = 2, S = 16, its default until rank 8 replaced it, kept so that the recorded tables stay
-comparable; CondLoRA r = 8; GenLoRA r = 32). Inputs are random ``inputs_embeds`` of ``--batch x --seq``; the model is
+Every adapter targets ``query`` and ``value``; methods use ``METHODS`` below, each method's default (LoRA r = 8,
+alpha 8, as peft's; LSR-Adapt rank 8: r1 = 2, r2 = 4, S = 11; CondLoRA r = 8; GenLoRA r = 32, g = 2). Inputs are random ``inputs_embeds`` of ``--batch x --seq``; the model is
 in train mode (dropout on, as in fine-tuning).
 
 What each column measures:
@@ -98,15 +99,14 @@ from torch._dynamo.utils import counters
 import lsrfx
 
 # The adapter options every bench/ timing script uses (bench/kernel_count.py and bench/quantized_base.py import them).
-METHODS = {"lora": dict(r=8, alpha=8.0), "lsr": dict(r1=2, r2=2, separation_rank=16), "condlora": dict(r=8),
-           "genlora": dict(r=32)}
+METHODS = {"lora": dict(r=8, alpha=8.0), "lsr": {}, "condlora": dict(r=8), "genlora": dict(r=32)}
 PEFT_LORA = dict(r=8, lora_alpha=8, target_modules=["query", "value"], lora_dropout=0.0)
 TARGETS = {"quiet": (1.03, 1.00), "busy": (1.10, 1.00)}  # (x floor, x peft compiled) for every lsrfx compiled
 KERNEL_SLACK = 1.10  # kernels per step <= peft compiled's x this
 LOAD_LIMIT = 1.5  # others' 1-minute load average above which a timing verdict is refused
 BUSY_SCRIPT = Path(__file__).with_name("busy.py")
 DEFAULT_KEYS = ["floor", "peft-eager", "peft"] + [k for m in METHODS for k in (m, f"{m}-materialised")]
-ALL_KEYS = DEFAULT_KEYS + [f"{m}-eager" for m in METHODS]
+ALL_KEYS = DEFAULT_KEYS + ["peft-r32"] + [f"{m}-eager" for m in METHODS]
 
 
 # ---------------------------------------------------------------------------------------------------- models
@@ -167,11 +167,12 @@ def catalogue(hidden: int, layers: int, embeds: torch.Tensor, device: str) -> di
         leaf = embeds.clone().requires_grad_()
         return make_step(torch.compile(bert(hidden, layers, device).requires_grad_(False)), leaf, [leaf])
 
-    def peft(compiled: bool) -> Callable[[], Callable[[], None]]:
+    def peft(compiled: bool, r: int = 8) -> Callable[[], Callable[[], None]]:
         def build() -> Callable[[], None]:
             from peft import LoraConfig, get_peft_model
 
-            m = get_peft_model(bert(hidden, layers, device), LoraConfig(**PEFT_LORA))
+            config = LoraConfig(**{**PEFT_LORA, "r": r, "lora_alpha": r})
+            m = get_peft_model(bert(hidden, layers, device), config)
             return make_step(torch.compile(m) if compiled else m, embeds, [])
         return build
 
@@ -184,7 +185,8 @@ def catalogue(hidden: int, layers: int, embeds: torch.Tensor, device: str) -> di
 
     out = {"floor": Variant("floor", "base floor (compiled)", floor, True),
            "peft-eager": Variant("peft-eager", "peft lora eager", peft(False), False),
-           "peft": Variant("peft", "peft lora compiled", peft(True), True)}
+           "peft": Variant("peft", "peft lora compiled", peft(True), True),
+           "peft-r32": Variant("peft-r32", "peft lora r=32 compiled", peft(True, 32), True)}
     for m in METHODS:
         out[m] = Variant(m, f"lsrfx {m} compiled", lsrfx_step(m, True), True, m, "auto")
         out[f"{m}-materialised"] = Variant(f"{m}-materialised", f"lsrfx {m} materialised", lsrfx_step(m, True),
