@@ -29,8 +29,8 @@ Variants (``--variants`` picks a subset by key; the floor and peft compiled are 
 * ``lora-eager``, ``lsr-eager``, ``condlora-eager``, ``genlora-eager`` (not in the default set): lsrfx unfused.
 
 Every adapter targets ``query`` and ``value``; methods use ``METHODS`` below, each method's default (LoRA r = 8,
-alpha 8, as peft's; LSR-Adapt rank 8: r1 = 2, r2 = 4, S = 11; CondLoRA r = 8; GenLoRA r = 32, g = 2). Inputs are random ``inputs_embeds`` of ``--batch x --seq``; the model is
-in train mode (dropout on, as in fine-tuning).
+alpha 8, as peft's; LSR-Adapt rank 8: r1 = 2, r2 = 4, S = 11; CondLoRA r = 8; GenLoRA r = 32, g = 2). Inputs are
+random ``inputs_embeds`` of ``--batch x --seq``; the model is in train mode (dropout on, as in fine-tuning).
 
 What each column measures:
 

@@ -4,8 +4,8 @@
 formed once per call (on CUDA by lsrfx's expansion kernel, elsewhere as the ``kron_sum`` op's body forms them),
 then the low-rank forward runs on them. The op returns ``(out, v, A, B)``: ``v = x @ A.T`` and the small ``A`` and
 ``B`` (``r x (K + N)`` values, never ``dW``) are non-differentiable outputs saved for the backward, so the backward
-neither re-forms them nor re-reads ``x`` for ``v``. The pass uses output 0. The backward runs the low-rank backward ops and chains the ``A``/``B`` gradients
-to the factors with :func:`~lsrfx.kernels.kron_sum.kron_sum_grads_formed`.
+neither re-forms them nor re-reads ``x`` for ``v``. The pass uses output 0. The backward runs the low-rank backward
+ops and chains the ``A``/``B`` gradients to the factors with :func:`~lsrfx.kernels.kron_sum.kron_sum_grads_formed`.
 """
 
 from __future__ import annotations
