@@ -6,13 +6,16 @@ side (accuracy does not depend on timing). Budgets are matched to LoRA r = 1, 2,
 384 x 384 layer, 12 layers) within 15 %:
 
 * LSR-Adapt at the paper's r1 = r2 = 2: 160 S per layer, so S = 5, 10, 19, 38 (plus the paper's S = 16); at that
-  budget also rank 8 (r1 = 2, r2 = 4, S = 11: lsrfx's default) and rank 16 (r1 = r2 = 4, S = 8);
+  budget also rank 8 (r1 = 2, r2 = 4, S = 11: lsrfx's default) and rank 16 (r1 = r2 = 4, S = 8), and rank 8 at
+  LoRA r = 8's budget (S = 27);
 * CondLoRA: 768 r per group of 6 layers (one pair shared by the 6 query and by the 6 value layers), so r = 6, 12,
   24, 48 equal LoRA r = 1, 2, 4, 8 exactly (plus the default r = 8);
 * GenLoRA: g (768) + 2 r (g + 2) per layer (basis rbf or centred; ``--genlora-basis``), so (g, r) = (1, 16),
-  (2, 16), (4, 32) are LoRA r = 1, 2, 4 + 8-13 % (plus the default g = 2, r = 32 with each basis, and the mixed
-  basis at r = m = 20, g = 1, which fits under 30 % of LoRA r = 8);
-* LSR-Adapt's paper recipe (``lsr-paper``: init "paper", alpha 16384, lr 5e-4; ``lsr-paper-lr1e-3``: lr 1e-3).
+  (2, 16), (4, 32), (8, 32) are LoRA r = 1, 2, 4, 8 + 8-13 % (plus the default g = 2, r = 32 with each basis, and
+  the mixed basis at r = m = 20, g = 1, which fits under 30 % of LoRA r = 8);
+* LSR-Adapt's paper recipe (``lsr-paper``: init "paper", alpha 16384, lr 5e-4; ``lsr-paper-lr1e-3``: lr 1e-3);
+* learning-rate checks (``-lr`` points): each default at its lr / 3 and x 3, and each structured point at LoRA
+  r = 8's budget at its method's lr / 3.
 
 Reports land in ``--out/<point>-seed<s>/report.json`` (a finished point is skipped when the script is re-run);
 ``--summarise`` writes ``--out/frontier.md`` (mean +- std of test and of validation accuracy per point, and the
@@ -53,6 +56,7 @@ def points(genlora_basis: str) -> dict[str, tuple[str, dict]]:
     # LSR-Adapt's rank r1 r2 at its default budget (S (r1 (24 + 24) + r2 (16 + 16)) per layer: 2,560 at the default)
     out["lsr-r2x4-s11"] = ("lsr", {"r1": 2, "r2": 4, "separation_rank": 11})  # rank 8, 2,464 per layer
     out["lsr-r4x4-s8"] = ("lsr", {"r1": 4, "r2": 4, "separation_rank": 8})  # rank 16, 2,560 per layer
+    out["lsr-r2x4-s27"] = ("lsr", {"r1": 2, "r2": 4, "separation_rank": 27})  # rank 8, LoRA r=8's budget
     # LSR-Adapt's paper recipe: N(0, 0.01^2) factors, scale 4096 (alpha 16384 at r1 = r2 = 2), lr 5e-4
     out["lsr-paper"] = ("lsr", {**paper_rank, "init": "paper", "alpha": 16384.0, "lr": 5e-4})
     out["lsr-paper-lr1e-3"] = ("lsr", {**paper_rank, "init": "paper", "alpha": 16384.0, "lr": 1e-3})
@@ -63,7 +67,7 @@ def points(genlora_basis: str) -> dict[str, tuple[str, dict]]:
     out["genlora-rbf-g2r32"] = ("genlora", {"basis": "rbf"})
     out["genlora-centred-g2r32"] = ("genlora", {"basis": "centred"})
     out["genlora-mixed-g1r20"] = ("genlora", {"basis": "mixed", "group_size": 1, "r": 20, "alpha": 20.0})
-    for g, r in ((1, 16), (2, 16), (4, 32)):
+    for g, r in ((1, 16), (2, 16), (4, 32), (8, 32)):
         out[f"genlora-{genlora_basis}-g{g}r{r}"] = ("genlora", {"group_size": g, "r": r, "alpha": float(r),
                                                              "basis": genlora_basis})
     # The learning-rate re-check under the current protocol: each method's default at its default lr / 3 and x 3
@@ -72,6 +76,13 @@ def points(genlora_basis: str) -> dict[str, tuple[str, dict]]:
     defaults = {"lora-r8": ("lora", {}, (1e-3, 1e-2)), "lsr-s16": ("lsr", {**paper_rank, "separation_rank": 16},
                                                                    (3e-3, 3e-2)),
                 "condlora-r8": ("condlora", {}, (1e-3, 1e-2)), "genlora-g2r32": ("genlora", {}, (3e-3, 3e-2))}
+    # At LoRA r = 8's budget, each structured point also at its method's default lr / 3: a sum over more Kronecker
+    # terms, a larger shared rank or more latent dimensions moves dW further per step at the same lr
+    g8r32 = ("genlora", {"group_size": 8, "r": 32, "alpha": 32.0, "basis": "centred"})
+    for name, (method, options), lr in (("lsr-s38", out["lsr-s38"], 3e-3), ("lsr-r2x4-s27", out["lsr-r2x4-s27"], 3e-3),
+                                        ("condlora-r48", out["condlora-r48"], 1e-3),
+                                        ("genlora-centred-g8r32", g8r32, 3e-3)):
+        defaults[name] = (method, options, (lr,))
     for name, (method, options, lrs) in defaults.items():
         for lr in lrs:
             out[f"{name}-lr{lr:.0e}".replace("e-0", "e-")] = (method, {**options, "lr": lr})
