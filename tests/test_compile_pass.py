@@ -82,6 +82,25 @@ def test_compiled_equals_eager_fused_and_no_recompiles(no_inductor_cache, kind, 
     assert counters["lsrfx"]["fused"] == 2  # the pass ran once: no recompile over the steps
 
 
+def test_a_second_model_with_another_scale_compiles_once(no_inductor_cache):
+    """Two models of one structure whose adapters differ only in scale, compiled one after the other in one process
+    (``lsrfx finetune --compare --compile``): the second also compiles once, its scale a constant, and matches
+    eager. (Held as a float attribute, Dynamo's automatic dynamic made the second scale a symbol, specialised it
+    again inside the backend and compiled the graph twice: the pass ran 4 times for 2 layers.)"""
+    torch._dynamo.reset()
+    ids = torch.randint(0, 100, (2, 7))
+    for alpha in (2.0, 1.0):  # scale 1.0, then 0.5
+        model, targets = tiny("bert")
+        model = lsrfx.adapt(model.eval(), method="lora", targets=targets, r=2, alpha=alpha)
+        with torch.no_grad():
+            for p in adapter_parameters(model).values():
+                p.normal_(0.0, 0.2)
+        counters.clear()
+        out = output(torch.compile(model), ids)
+        assert counters["lsrfx"]["fused"] == 2, dict(counters["lsrfx"])
+        torch.testing.assert_close(out, output(model, ids), atol=1e-5, rtol=1e-5)
+
+
 def capture(model: nn.Module, *args) -> fx.GraphModule:
     graphs = []
     torch.compile(model, backend=lambda gm, _: graphs.append(gm) or gm.forward)(*args)

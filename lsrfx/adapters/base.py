@@ -43,13 +43,27 @@ class Adapter(nn.Module, abc.ABC):
     """One layer's adapter: ``factors(W0) -> (A, B)`` and a fixed ``scale``."""
 
     rank: int
-    scale: float
     # Whether ``factors`` reads the frozen weight's values (CondLoRA); a quantized base is then dequantised for it.
     reads_base_weight: ClassVar[bool] = False
 
     def __init__(self, spec: LayerSpec) -> None:
         super().__init__()
         self.d_in, self.d_out = spec.d_in, spec.d_out
+
+    @property
+    def scale(self) -> float:
+        """The fixed multiplier of ``B @ A`` (``alpha / rank``).
+
+        Held as its exact integer ratio (``float.as_integer_ratio``; ``num / den`` gives back the same float): Dynamo
+        specialises integer attributes of modules, but turns a float attribute into a symbol once a model with
+        another value at the same module path has compiled in the process (automatic dynamic), then specialises it
+        again inside the backend and compiles the graph a second time (``lsrfx finetune --compare --compile``,
+        notebooks, benchmarks)."""
+        return self._scale_num / self._scale_den
+
+    @scale.setter
+    def scale(self, value: float) -> None:
+        self._scale_num, self._scale_den = float(value).as_integer_ratio()
 
     @abc.abstractmethod
     def factors(self, w0: Tensor) -> tuple[Tensor, Tensor]:
