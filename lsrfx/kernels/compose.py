@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lsrfx.kernels.lowrank_linear import column_major
+from lsrfx.kernels.lowrank_linear import tn_like
 from lsrfx.utils import quiet_logger
 
 
@@ -53,8 +53,8 @@ def _backward(ctx, grad: Tensor) -> tuple:
     g_f = g.to(a.dtype) * ctx.scale
     grad_a = b.t() @ g_f if ctx.needs_input_grad[1] else None
     grad_b = None
-    if ctx.needs_input_grad[2]:  # in B's layout: B formed as B.T is read along N (lowrank_linear.column_major)
-        grad_b = (a @ g_f.t()).t() if column_major(b) else g_f @ a.t()
+    if ctx.needs_input_grad[2]:  # g_f @ A.T in B's layout (a B formed as B.T gets a column-major gradient)
+        grad_b = tn_like(lambda lhs, rhs, _like: lhs.t() @ rhs, g_f.t(), a.t(), b)
     grad_w0 = grad if ctx.needs_input_grad[0] else None
     return grad_w0, grad_a, grad_b, None, None
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from lsrfx.kernels import lowrank_linear
 from lsrfx.utils import quiet_logger
 
 
@@ -37,13 +38,10 @@ def kron_sum_grads(grad: Tensor, p: Tensor, q: Tensor, need_p: bool = True,
 
 def formed_transposed(p: Tensor, q: Tensor) -> bool:
     """Whether ``M = sum_k kron(P[k], Q[k])`` is formed as ``M.T`` and handed out as its transpose view: when it
-    has fewer columns than rows (LSR-Adapt's ``B``, ``N x r``).
-
-    Inductor's C++ backend vectorises a reduction along its output's last dimension; when that dimension is shorter
-    than one vector (``r2`` of ``B``'s ``(N1, N2, r1, r2)`` blocks), torch 2.13 opens an OpenMP parallel region inside
-    every output iteration (hundreds per call; each costs a scheduler time slice when another process holds a core).
-    Formed as ``M.T``, the reduction ends in ``N2``, and the factor gradients (ending in ``N1`` / ``N2``) likewise."""
-    return p.shape[2] * q.shape[2] < p.shape[1] * q.shape[1]
+    has fewer columns than rows (LSR-Adapt's ``B``, ``N x r``), by
+    :func:`lsrfx.kernels.lowrank_linear.formed_transposed`. The reduction then ends in ``N2``, not ``r2``, and so do
+    the factor gradients (see :func:`lsrfx.kernels.lowrank_linear.column_major` for why that matters)."""
+    return lowrank_linear.formed_transposed(p.shape[1] * q.shape[1], p.shape[2] * q.shape[2])
 
 
 def kron_sum_formed(p: Tensor, q: Tensor) -> Tensor:

@@ -92,6 +92,13 @@ def column_major(t: Tensor) -> bool:
     return t.dim() == 2 and t.shape[0] > 1 and t.stride(0) == 1 and t.stride(1) == t.shape[0]
 
 
+def formed_transposed(rows: int, cols: int) -> bool:
+    """Whether a factor of shape ``rows x cols`` that lsrfx forms itself is formed as its transpose and used as a
+    transposed view (so that it is :func:`column_major`): when it has fewer columns than rows, i.e. ends in its
+    rank. The ``kron_sum`` op, ``lsr_linear`` and the pass's product rewrite all follow this rule."""
+    return cols < rows
+
+
 def tn_like(tn: Callable[[Tensor, Tensor, Tensor], Tensor], lhs: Tensor, rhs: Tensor, like: Tensor) -> Tensor:
     """``lhs.T @ rhs`` computed by ``tn(lhs, rhs, like)`` in the layout of ``like``, its shape (a factor): row-major,
     or the transpose of ``tn(rhs, lhs, like.T)`` when ``like`` is :func:`column_major`."""

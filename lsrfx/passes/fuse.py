@@ -21,6 +21,7 @@ import torch
 from torch import fx
 
 from lsrfx.kernels.factor_table import KRON_SUM, is_call, is_factor_op
+from lsrfx.kernels.lowrank_linear import formed_transposed
 from lsrfx.passes import cost_model
 from lsrfx.passes.logs import LOGGER
 from lsrfx.passes.match import Match, Skip, call_kind, match
@@ -130,14 +131,14 @@ def _products_as_reductions(graph: fx.Graph, m: Match) -> int:
             continue
         # A factor with fewer columns than rows (``W0 @ C_B.T``, ``N x r``) is formed as its transpose and used as a
         # transposed view: see ``lowrank_linear.column_major`` for why the reduction must not end in ``r``.
-        wide_first = _hint(out.shape[1]) < _hint(out.shape[0])
+        as_transpose = formed_transposed(_hint(out.shape[0]), _hint(out.shape[1]))
         with graph.inserting_before(node):
-            if wide_first:
+            if as_transpose:
                 p, q = (graph.call_function(torch.t, (f,)) for f in (q, p))
             prod = graph.call_function(operator.mul, (graph.call_function(torch.unsqueeze, (p, 2)),
                                                       graph.call_function(torch.unsqueeze, (q, 0))))
             summed = graph.call_function(torch.sum, (prod, 1))
-            if wide_first:
+            if as_transpose:
                 summed = graph.call_function(torch.t, (summed,))
         summed.meta.update(node.meta)
         node.replace_all_uses_with(summed)
