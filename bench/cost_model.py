@@ -1,7 +1,8 @@
 """Measure the two machine constants of the fusion cost model, and show the decisions they give.
 
-``lsrfx/passes/cost_model.py`` charges each choice (fused rank-``r`` products, or materialising ``W0 + dW`` with its
-dense weight gradient) ``flops / PEAK + bytes / BANDWIDTH``. This script estimates both constants with plain
+``lsrfx/passes/cost_model.py`` charges each choice (fused rank-``r`` products, the merged weight ``W0 + dW`` with
+rank-``r`` factor gradients, or materialising ``W0 + dW`` with its dense weight gradient)
+``flops / PEAK + bytes / BANDWIDTH``. This script estimates both constants with plain
 matmuls:
 
 * ``PEAK``: a 1024 x 1024 x 1024 fp32 matmul (compute-bound), ``2 * 1024**3`` flops per call;
@@ -13,9 +14,9 @@ Each is the median over ``--reps`` calls after a warm-up, wall time at torch's t
 machine. On a shared one, ``--cpu-time`` times one thread by its process CPU time (insensitive to being
 descheduled) and multiplies by the core count, an estimate that assumes both rates scale with cores.
 
-Then it prints the decision and both times for the benchmark's layers and a few narrow ones (``--tokens``,
-``--widths``, ``--ranks``). ``--validate`` also times one compiled layer's forward + backward both ways
-(Inductor, ``dynamic=False``) for the same shapes, to compare the model's ratio with the measured one.
+Then it prints the decision and the three times for the benchmark's layers and a few narrow ones (``--tokens``,
+``--widths``, ``--ranks``). ``--validate`` also times one compiled layer's forward + backward each way
+(Inductor, ``dynamic=False``) for the same shapes, to compare the model's ratios with the measured ones.
 
 Figures behind the CPU defaults in ``lsrfx/passes/cost_model.py`` (2-core AMD EPYC Zen 4 VM, torch 2.13,
 ``--cpu-time`` while other jobs ran, so an estimate; two runs): one core 8.6-8.7e10 flop/s on the large matmul
@@ -65,15 +66,18 @@ def measure_constants(reps: int, cpu_time: bool) -> cost_model.Machine:
     return cost_model.Machine(peak=peak * scale, bandwidth=bandwidth * scale)
 
 
-def layer_step(fused: bool, d: int, m: int, rank: int) -> Callable[[], None]:
-    """One compiled forward + backward (input gradient included) of a ``d x d`` adapted layer on ``m`` tokens."""
+def layer_step(choice: str, d: int, m: int, rank: int) -> Callable[[], None]:
+    """One compiled forward + backward (input gradient included) of a ``d x d`` adapted layer on ``m`` tokens,
+    ``choice`` being ``fused``, ``merged`` or ``materialised``."""
     x = torch.randn(m, d, requires_grad=True)
     w, bias, g = torch.randn(d, d), torch.randn(d), torch.randn(m, d)
     a, b = torch.randn(rank, d, requires_grad=True), torch.randn(d, rank, requires_grad=True)
 
     def f(x, w, bias, a, b):
-        if fused:
+        if choice == "fused":
             return torch.ops.lsrfx.lowrank_linear(x, w, bias, a, b, 0.5, False)[0]
+        if choice == "merged":
+            return torch.ops.lsrfx.merged_linear(x, w, bias, a, b, 0.5, False)
         return torch.nn.functional.linear(x, torch.ops.lsrfx.compose(w, a, b, 0.5, False), bias)
 
     cf = torch.compile(f, dynamic=False)
@@ -96,18 +100,21 @@ def main() -> None:
     print(f"measured: Machine(peak={machine.peak:.2e}, bandwidth={machine.bandwidth:.2e})  "
           f"[defaults: {cost_model.MACHINES['cpu']}]\n")
     cost_model.MACHINES["cpu"] = machine
-    print("| d x d | tokens | r | decision | fused us | materialised us |" + (" measured f/m |" if args.validate else ""))
-    print("|---:|---:|---:|---|---:|---:|" + ("---:|" if args.validate else ""))
+    print("| d x d | tokens | r | decision | fused us | merged us | materialised us |"
+          + (" measured fused / merged / materialised ms |" if args.validate else ""))
+    print("|---:|---:|---:|---|---:|---:|---:|" + ("---:|" if args.validate else ""))
     for d in args.widths:
         for m in args.tokens:
             for r in args.ranks:
                 shape = cost_model.Shape(tokens=m, d_in=d, d_out=d, rank=r, training=True)
-                fused, materialised, _ = cost_model.costs(shape)
-                action = "fused" if fused <= materialised else "materialised"
-                row = f"| {d} | {m} | {r} | {action} | {fused * 1e6:.0f} | {materialised * 1e6:.0f} |"
+                c = cost_model.costs(shape)
+                action = cost_model.decide(shape)[0]
+                merged = "-" if c.merged is None else f"{c.merged * 1e6:.0f}"
+                row = f"| {d} | {m} | {r} | {action} | {c.fused * 1e6:.0f} | {merged} | {c.materialised * 1e6:.0f} |"
                 if args.validate:
-                    t = [median_seconds(layer_step(f, d, m, r), args.reps, time.perf_counter) for f in (True, False)]
-                    row += f" {t[0] / t[1]:.2f} |"
+                    t = [median_seconds(layer_step(choice, d, m, r), args.reps, time.perf_counter)
+                         for choice in ("fused", "merged", "materialised")]
+                    row += " " + " / ".join(f"{s * 1e3:.2f}" for s in t) + " |"
                 print(row, flush=True)
 
 

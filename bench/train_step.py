@@ -20,8 +20,10 @@ Variants (``--variants`` picks a subset by key; the floor and peft compiled are 
   rank-32 adapter's products cost, for reference (the targets stay against r = 8);
 * ``lora``, ``lsr``, ``condlora``, ``genlora``: ``torch.compile(lsrfx.adapt(model, method))``, default Inductor
   backend, the lsrfx pass deciding per node by its cost model (``LSRFX_FUSE=auto``; "compiled" rows);
+* ``lora-fused``, ... (not in the default set): the same compiled with ``LSRFX_FUSE=always`` (every node fused:
+  the rank-``r`` products beside the base matmul), to compare with what the rule chose;
 * ``lora-materialised``, ... : the same compiled with ``LSRFX_FUSE=never`` ("materialised" rows: ``W0 + dW`` is
-  formed and a plain matmul runs). The pass reads ``LSRFX_FUSE`` when Inductor compiles (it is part of the pass's
+  formed and a plain matmul runs, its backward forms the dense weight gradient). The pass reads ``LSRFX_FUSE`` when Inductor compiles (it is part of the pass's
   uuid), so the variable is set around each variant's first step only; the decisions the pass recorded in
   ``torch._dynamo.utils.counters["lsrfx"]`` during that compilation are printed per variant, a materialised
   variant with any fused node is an error, and a compiled / materialised pair that ran the same Inductor wrapper
@@ -106,7 +108,7 @@ KERNEL_SLACK = 1.10  # kernels per step <= peft compiled's x this
 LOAD_LIMIT = 1.5  # others' 1-minute load average above which a timing verdict is refused
 BUSY_SCRIPT = Path(__file__).with_name("busy.py")
 DEFAULT_KEYS = ["floor", "peft-eager", "peft"] + [k for m in METHODS for k in (m, f"{m}-materialised")]
-ALL_KEYS = DEFAULT_KEYS + ["peft-r32"] + [f"{m}-eager" for m in METHODS]
+ALL_KEYS = DEFAULT_KEYS + ["peft-r32"] + [f"{m}-{kind}" for kind in ("fused", "eager") for m in METHODS]
 
 
 # ---------------------------------------------------------------------------------------------------- models
@@ -189,6 +191,7 @@ def catalogue(hidden: int, layers: int, embeds: torch.Tensor, device: str) -> di
            "peft-r32": Variant("peft-r32", "peft lora r=32 compiled", peft(True, 32), True)}
     for m in METHODS:
         out[m] = Variant(m, f"lsrfx {m} compiled", lsrfx_step(m, True), True, m, "auto")
+        out[f"{m}-fused"] = Variant(f"{m}-fused", f"lsrfx {m} fused", lsrfx_step(m, True), True, m, "always")
         out[f"{m}-materialised"] = Variant(f"{m}-materialised", f"lsrfx {m} materialised", lsrfx_step(m, True),
                                            True, m, "never")
         out[f"{m}-eager"] = Variant(f"{m}-eager", f"lsrfx {m} eager", lsrfx_step(m, False), False, m)
@@ -489,22 +492,24 @@ def prepare(vs: list[Variant], device: str, load: LoadShare) -> None:
         load.update()
         print(f"  {v.label}: first step {v.compile_s:.1f} s, next {v.estimate_s * 1e3:.0f} ms; " + describe(v),
               flush=True)
-        if v.fuse == "never" and (v.decisions["fused"] or not v.decisions["materialised"]):
-            raise SystemExit(f"{v.label}: LSRFX_FUSE=never but the pass recorded {dict(v.decisions)}")
+        forced = {"never": "materialised", "always": "fused"}.get(v.fuse or "")
+        if forced and (not v.decisions[forced] or sum(v.decisions.values()) != v.decisions[forced]):
+            raise SystemExit(f"{v.label}: LSRFX_FUSE={v.fuse} but the pass recorded {dict(v.decisions)}")
         if v.fuse == "auto" and not sum(v.decisions.values()):
             raise SystemExit(f"{v.label}: the lsrfx pass recorded no decision while compiling (reused code?)")
     by_key = {v.key: v for v in vs}
     for v in vs:
-        pair = by_key.get(f"{v.key}-materialised")
-        if v.fuse == "auto" and pair is not None and v.wrappers & pair.wrappers:
-            raise SystemExit(f"{v.label} and {pair.label} ran the same Inductor wrapper code")
+        for other in ("fused", "materialised"):
+            pair = by_key.get(f"{v.key}-{other}")
+            if v.fuse == "auto" and pair is not None and v.decisions != pair.decisions and v.wrappers & pair.wrappers:
+                raise SystemExit(f"{v.label} and {pair.label} ran the same Inductor wrapper code")
 
 
 def describe(v: Variant) -> str:
     parts = [f"{v.graphs} graph(s), {v.graph_breaks} graph break(s)"]
     if v.method is not None and v.compiled:
-        parts.append(f"lsrfx decisions fused {v.decisions['fused']}, materialised {v.decisions['materialised']}"
-                     + (f", skipped {v.decisions['skipped']}" if v.decisions["skipped"] else ""))
+        parts.append("lsrfx decisions " + ", ".join(f"{a} {v.decisions[a]}" for a in ("fused", "merged", "materialised",
+                                                                                    "skipped") if v.decisions[a]))
     if v.kernels is not None:
         ext = ", ".join(f"{n} {c}" for n, c in sorted(v.extern.items(), key=lambda kv: (-kv[1], kv[0])))
         parts.append(f"{v.kernels} kernel launches + {sum(v.extern.values())} extern ({ext}) per step")

@@ -3,7 +3,8 @@
 Captures the model's Dynamo graphs on the given inputs (without resetting Dynamo, so a model being trained keeps
 its compiled code; the capture itself may add a cache entry), runs the lsrfx pass on a copy of each, and reports
 per graph: the captured graph and the rewritten one with the adapted nodes marked, each adapted node's decision
-(fused or materialised, and why), the graph breaks with their reasons, and the number of fused ops.
+(fused, merged or materialised, and why), the graph breaks with their reasons, and the number of fused and merged
+ops.
 
 By default the report is a short summary (decisions, graph breaks, counts: a few lines per adapted layer);
 ``graphs=True`` adds every captured graph before and after the pass (hundreds of lines for a transformer). The
@@ -73,9 +74,10 @@ def _before_marks(graph: fx.Graph, decisions: list[Decision]) -> dict[str, str]:
 
 
 def _after_marks(graph: fx.Graph) -> dict[str, str]:
-    from lsrfx.kernels.factor_table import is_fused_op
+    from lsrfx.kernels.factor_table import is_fused_op, is_merged_op
 
-    return {n.name: "FUSED" for n in graph.nodes if is_fused_op(n)}
+    marks = {n.name: "FUSED" for n in graph.nodes if is_fused_op(n)}
+    return marks | {n.name: "MERGED" for n in graph.nodes if is_merged_op(n)}
 
 
 def explain(model: nn.Module, *example_inputs: Any, graphs: bool = False, **kwargs: Any) -> str:
@@ -92,14 +94,16 @@ def explain(model: nn.Module, *example_inputs: Any, graphs: bool = False, **kwar
     captured, breaks = _capture(root, example_inputs, kwargs)
     out = [f"lsrfx.explain: {len(captured)} graph(s), {len(breaks)} graph break reason(s); fusion policy "
            f"{policy()!r}; rule: {MEASURED_RULE}"]
-    total_fused = total_adapted = 0
+    total_fused = total_merged = total_adapted = 0
     for i, gm in enumerate(captured):
         original = copy.deepcopy(gm.graph) if graphs else None
         decisions = fuse_adapted_linears(gm.graph, record=False)
         n_fused = sum(d.action == "fused" for d in decisions)
+        n_merged = sum(d.action == "merged" for d in decisions)
         total_fused += n_fused
+        total_merged += n_merged
         total_adapted += len(decisions)
-        out.append(f"\n=== graph {i}: {len(decisions)} adapted node(s), {n_fused} fused ===")
+        out.append(f"\n=== graph {i}: {len(decisions)} adapted node(s), {n_fused} fused, {n_merged} merged ===")
         out += [f"  {d}" for d in decisions] or ["  (no adapted layers: graph left unchanged)"]
         if graphs:
             out.append(f"--- captured graph (before) ---\n{_marked(original, _before_marks(original, decisions))}")
@@ -114,7 +118,7 @@ def explain(model: nn.Module, *example_inputs: Any, graphs: bool = False, **kwar
         out += [f"  {name}: {scheme}" for name, scheme in quantized.items()]
     out.append("\n=== graph breaks ===")
     out += [f"  {b}" for b in breaks] or ["  none"]
-    out.append(f"\nfused ops: {total_fused} of {total_adapted} adapted node(s)")
+    out.append(f"\nfused ops: {total_fused} of {total_adapted} adapted node(s); merged: {total_merged}")
     if not graphs and captured:
         out.append("(graphs before and after the pass: explain(..., graphs=True), or lsrfx inspect --graphs)")
     return "\n".join(out)

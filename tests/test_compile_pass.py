@@ -50,9 +50,14 @@ def output(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     return model(input_ids=ids).last_hidden_state
 
 
+@pytest.mark.parametrize("policy", ["auto", "merged"], ids=["fused", "merged"])
 @pytest.mark.parametrize("kind", ["bert", "gpt2"])
 @pytest.mark.parametrize("method", list(lsrfx.METHODS))
-def test_compiled_equals_eager_fused_and_no_recompiles(no_inductor_cache, kind, method):
+def test_compiled_equals_eager_fused_and_no_recompiles(no_inductor_cache, monkeypatch, kind, method, policy):
+    """Outputs and gradients of the compiled model equal eager's, fused (what the rule picks for 14 tokens) and
+    merged (``merged_linear``), on BERT's ``linear`` and GPT-2's ``Conv1D`` (``addmm``, ``(in, out)`` weights)."""
+    monkeypatch.setenv("LSRFX_FUSE", policy)
+    action = "fused" if policy == "auto" else "merged"
     model = adapted_tiny(kind, method)
     params = adapter_parameters(model)
     n_layers = len(list(lsrfx.parametrization.adapted_layers(model)))
@@ -73,13 +78,13 @@ def test_compiled_equals_eager_fused_and_no_recompiles(no_inductor_cache, kind, 
             torch.testing.assert_close(out, eager, atol=1e-5, rtol=1e-5)
             for name, p in params.items():
                 torch.testing.assert_close(p.grad, grads[name], atol=1e-5, rtol=1e-4, msg=name)
-            assert counters["lsrfx"]["fused"] == n_layers == 2  # exactly the adapted layers, nothing else
-            assert counters["lsrfx"]["materialised"] == 0
+            assert counters["lsrfx"][action] == n_layers == 2  # exactly the adapted layers, nothing else
+            assert sum(counters["lsrfx"].values()) == 2, dict(counters["lsrfx"])
         opt.step()
         opt.zero_grad()
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
     assert sum(counters["recompiles"].values()) == 0, dict(counters["recompiles"])
-    assert counters["lsrfx"]["fused"] == 2  # the pass ran once: no recompile over the steps
+    assert counters["lsrfx"][action] == 2  # the pass ran once: no recompile over the steps
 
 
 def test_a_second_model_with_another_scale_compiles_once(no_inductor_cache):
@@ -168,9 +173,11 @@ def consumers():
     }
 
 
+@pytest.mark.parametrize("policy", ["auto", "merged"])
 @pytest.mark.parametrize("lsr", [False, True], ids=["lowrank", "lsr"])
 @pytest.mark.parametrize("form", list(consumers()))
-def test_pass_matches_every_form(form, lsr):
+def test_pass_matches_every_form(form, lsr, policy, monkeypatch):
+    monkeypatch.setenv("LSRFX_FUSE", policy)  # auto: no shapes in a symbolic trace, so fused by default
     transposed, use = consumers()[form]
     # "odd": linear() consuming a compose(transposed=True): the adapter's (out, in) is the layer's (in, out)
     odd = transposed == "odd"
@@ -192,10 +199,15 @@ def test_pass_matches_every_form(form, lsr):
     want = f(*inputs)
     decisions = fuse_adapted_linears(gm.graph, record=False)
     gm.recompile()
-    assert [d.action for d in decisions] == ["fused"]
     targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
-    assert compose.default not in targets and compose not in targets  # dW is never formed
-    assert (torch.ops.lsrfx.lsr_linear.default if lsr else torch.ops.lsrfx.lowrank_linear.default) in targets
+    assert compose.default not in targets and compose not in targets  # no compose node (merged forms W0 + dW inside)
+    if policy == "merged":
+        assert [d.action for d in decisions] == ["merged"]
+        assert torch.ops.lsrfx.merged_linear.default in targets
+        assert (kron in targets or kron.default in targets) == lsr  # A and B stay the kron_sum nodes' outputs
+    else:
+        assert [d.action for d in decisions] == ["fused"]
+        assert (torch.ops.lsrfx.lsr_linear.default if lsr else torch.ops.lsrfx.lowrank_linear.default) in targets
     torch.testing.assert_close(gm(*inputs), want, atol=1e-5, rtol=1e-5)
 
 
@@ -312,26 +324,33 @@ def test_cost_rule_is_monotone_in_tokens_and_width(monkeypatch, rank, input_grad
 
 
 def test_cost_rule_decisions_on_the_benchmark_layers(monkeypatch):
-    """2,048 tokens (batch 16 x 128): every method's default rank fuses at hidden 384 and 1,024, GenLoRA's r = 32
-    included (its fused extra work is about half the dense weight gradient); narrow layers fed many tokens
-    materialise; without a backward, many tokens materialise; LSRFX_FUSE overrides."""
+    """2,048 tokens (batch 16 x 128) at hidden 384 and 1,024: every method's default rank merges on CPU (one matmul
+    through W0 + dW, rank-r factor gradients); never on CUDA (whose fused kernel computes x @ A.T inside the base
+    matmul), and it fuses over a base of another dtype than the factors (merging would round dW); few tokens fuse; narrow
+    layers fed many tokens materialise; without a backward, many tokens materialise; LSRFX_FUSE overrides."""
     from lsrfx.passes import cost_model
 
     monkeypatch.delenv("LSRFX_FUSE", raising=False)
     for d in (384, 1024):
         for r in (4, 8, 32):
             for input_grad in (True, False):
-                assert _decision(2048, d, d, r, input_grad=input_grad) == "fused", (d, r, input_grad)
+                assert _decision(2048, d, d, r, input_grad=input_grad) == "merged", (d, r, input_grad)
+                assert _decision(2048, d, d, r, input_grad=input_grad, device="cuda") != "merged", (d, r)
+                assert _decision(2048, d, d, r, input_grad=input_grad, same_dtype=False) == "fused", (d, r)
+        assert _decision(256, d, d, 8) == "fused"
     assert _decision(8192, 64, 64, 8) == "materialised"
     infer = cost_model.Shape(tokens=8192, d_in=384, d_out=384, rank=8, training=False)
-    assert cost_model.decide(infer)[0] == "materialised"
+    assert cost_model.decide(infer)[0] == "materialised" and cost_model.costs(infer).merged is None
     assert cost_model.decide(cost_model.Shape(16, 384, 384, 8, training=False))[0] == "fused"
-    fused, materialised, factors = cost_model.costs(cost_model.Shape(2048, 384, 384, 8, True, factor_flops=1e6))
-    assert factors > 0 and fused < materialised  # the factor cost is in both times
+    c = cost_model.costs(cost_model.Shape(2048, 384, 384, 8, True, factor_flops=1e6))
+    assert c.factors > 0 and c.merged < c.fused < c.materialised  # the factor cost is in every time
     monkeypatch.setenv("LSRFX_FUSE", "never")
     assert _decision(16, 384, 384, 8) == "materialised"
     monkeypatch.setenv("LSRFX_FUSE", "always")
     assert _decision(8192, 64, 64, 8) == "fused"
+    monkeypatch.setenv("LSRFX_FUSE", "merged")
+    assert _decision(16, 384, 384, 8) == "merged"
+    assert _decision(16, 384, 384, 8, same_dtype=False) == "fused"  # never rounds dW to the base's dtype
 
 
 @pytest.mark.parametrize("d", [8, 2048])

@@ -4,8 +4,7 @@ torch 2.13's C++ backend does so for a reduction whose output ends in a dimensio
 ``B`` ends in ``r2 = 2``, CondLoRA's ``W0 @ C_B.T`` in ``r = 8``, GenLoRA's centres in ``g = 2``): it then forks the
 thread team inside every output iteration, hundreds of times per call, which a busy core turns into a scheduler
 time slice each (``bench/train_step.py``'s busy scenario). lsrfx forms those factors transposed; this pins it for
-every method at a transformer's layer size, on the fused path ``torch.compile`` takes for a training batch and on
-the materialised one.
+every method at a transformer's layer size, on each path the compile pass can take: fused, merged and materialised.
 """
 
 from __future__ import annotations
@@ -64,11 +63,14 @@ def test_detector_finds_a_nested_region() -> None:
     assert parallel_regions(source) == (2, ["cpp_fused_k"])
 
 
-@pytest.mark.parametrize("fuse", ["always", "never"], ids=["fused", "materialised"])
+ACTION = {"always": "fused", "merged": "merged", "never": "materialised"}
+
+
+@pytest.mark.parametrize("fuse", list(ACTION), ids=list(ACTION.values()))
 @pytest.mark.parametrize("method", list(METHODS))
 def test_no_parallel_region_inside_a_loop(method: str, fuse: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every method fused and materialised (``LSRFX_FUSE=never``: ``dW`` formed by the ``compose`` op, LSR-Adapt's
-    ``A`` and ``B`` by the ``kron_sum`` op)."""
+    """Every method fused, merged (``merged_linear``) and materialised (``LSRFX_FUSE=never``: ``dW`` formed by the
+    ``compose`` op); LSR-Adapt's merged and materialised ``A`` and ``B`` come from the ``kron_sum`` op."""
     monkeypatch.setenv("LSRFX_FUSE", fuse)
     torch._dynamo.reset()
     torch.manual_seed(0)
@@ -84,7 +86,7 @@ def test_no_parallel_region_inside_a_loop(method: str, fuse: str, monkeypatch: p
     # Two threads whatever the machine has, so that Inductor writes its OpenMP code; its caches off, so it compiles.
     with torch._inductor.config.patch({"cpp.threads": 2, "fx_graph_cache": False}):
         _, sources = run_and_get_code(step)
-    assert counters["lsrfx"]["fused" if fuse == "always" else "materialised"] == 2
+    assert counters["lsrfx"][ACTION[fuse]] == 2
     regions = [parallel_regions(source) for source in sources]
     assert len(sources) == 2 and all(total > 0 for total, _ in regions)  # forward and backward, both parallel
     nested = [kernel for _, kernels in regions for kernel in kernels]
@@ -95,10 +97,12 @@ RANK_ONE = {"lora": dict(r=1), "lsr": dict(r1=1, r2=1, separation_rank=2), "cond
             "genlora": dict(r=1)}
 
 
+@pytest.mark.parametrize("fuse", ["always", "merged"])
 @pytest.mark.parametrize("method", list(RANK_ONE))
-def test_rank_one_factors_compiled_equal_eager(method: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A rank-1 ``B`` (``N x 1``) is both row- and column-major: its gradient's layout must still match."""
-    monkeypatch.setenv("LSRFX_FUSE", "always")  # the cost rule would materialise layers this small
+def test_rank_one_factors_compiled_equal_eager(method: str, fuse: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A rank-1 ``B`` (``N x 1``) is both row- and column-major: its gradient's layout must still match, fused and
+    merged."""
+    monkeypatch.setenv("LSRFX_FUSE", fuse)  # the cost rule would materialise layers this small
     torch._dynamo.reset()
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(32, 24), nn.GELU(), nn.Linear(24, 24))
@@ -114,6 +118,6 @@ def test_rank_one_factors_compiled_equal_eager(method: str, monkeypatch: pytest.
     counters.clear()
     with torch._inductor.config.patch({"fx_graph_cache": False}):
         torch.compile(model)(x).pow(2).mean().backward()
-    assert counters["lsrfx"]["fused"] == 2
+    assert counters["lsrfx"][ACTION[fuse]] == 2
     for name, p in params.items():
         torch.testing.assert_close(p.grad, eager[name], atol=1e-5, rtol=1e-4, msg=name)

@@ -411,6 +411,34 @@ def test_reference_ops_match_dense_autograd(transposed, base_dtype, x_grad):
         torch.testing.assert_close(got.double(), exp, **tol)
 
 
+@pytest.mark.parametrize("b_layout", ["row-major", "column-major"])
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("x_grad", [True, False], ids=["x-grad", "no-x-grad"])
+def test_merged_linear_matches_dense_autograd(transposed, b_layout, x_grad):
+    """``merged_linear`` (``W0 + s*B@A`` for the matmuls, rank-``r`` factor gradients) gives the dense formula's
+    output and autograd's gradients for both weight layouts, with or without grad_x and a trainable ``W0``;
+    ``grad_B`` comes in ``B``'s layout; its fake function and autograd registration pass ``opcheck``."""
+    k, n, r, scale = 12, 10, 3, 0.7
+    x = torch.randn(2, 5, k, dtype=torch.float64, requires_grad=x_grad)
+    w = torch.randn(k, n, dtype=torch.float64) if transposed else torch.randn(n, k, dtype=torch.float64)
+    w.requires_grad_(x_grad)  # a trainable base (unusual) takes the dense gradient
+    bias = torch.randn(n, dtype=torch.float64, requires_grad=True)
+    a = torch.randn(r, k, dtype=torch.float64, requires_grad=True)
+    b = (torch.randn(r, n, dtype=torch.float64).t() if b_layout == "column-major"
+         else torch.randn(n, r, dtype=torch.float64)).requires_grad_()
+    leaves = [t for t in (x, w, bias, a, b) if t.requires_grad]
+    y = torch.ops.lsrfx.merged_linear(x, w, bias, a, b, scale, transposed)
+    ref = x @ ((w.t() if transposed else w) + scale * b @ a).t() + bias
+    torch.testing.assert_close(y, ref)
+    g = torch.randn_like(ref)
+    got, want = torch.autograd.grad(y, leaves, g), torch.autograd.grad(ref, leaves, g)
+    for name, p_got, p_want in zip(("x", "w", "bias", "a", "b")[-len(leaves):], got, want, strict=True):
+        torch.testing.assert_close(p_got, p_want, msg=name)
+    assert got[-1].stride() == b.stride()
+    torch.library.opcheck(torch.ops.lsrfx.merged_linear, (x, w, bias, a, b, scale, transposed))
+    torch.library.opcheck(torch.ops.lsrfx.merged_linear, (x.detach(), w.detach(), None, a, b, scale, transposed))
+
+
 def test_lsr_linear_reference_matches_dense_autograd():
     """``lsr_linear`` returns the dense ``A``, ``B`` it formed and ``v``; its factor gradients are autograd's."""
     factors = [torch.randn(2, 2, 3), torch.randn(2, 2, 4), torch.randn(2, 5, 2), torch.randn(2, 2, 2)]

@@ -12,5 +12,7 @@ from lsrfx.utils import quiet_logger
 with quiet_logger("torch._library.triton", enabled=not HAS_TRITON):
     from lsrfx.kernels.lowrank_linear import lowrank_linear
     from lsrfx.kernels.lsr_linear import lsr_linear
+from lsrfx.kernels.merged_linear import merged_linear
 
-__all__ = ["compose", "compose_reference", "kron_sum", "kron_sum_reference", "lowrank_linear", "lsr_linear"]
+__all__ = ["compose", "compose_reference", "kron_sum", "kron_sum_reference", "lowrank_linear", "lsr_linear",
+           "merged_linear"]

@@ -11,6 +11,10 @@ kronecker    outputs of ``kron_sum(F1, F2)``, both       ``lsrfx::lsr_linear``  
 dense        any tensors (LoRA, CondLoRA, GenLoRA, ...)  ``lsrfx::lowrank_linear``  ``B.t(), A.t()``
 ===========  ==========================================  =========================  ============================
 
+A layer of any structure may instead go through ``lsrfx::merged_linear(x, W0, bias, A, B, scale, transposed)``
+(:data:`MERGED_LINEAR`: ``W0 + dW`` formed for the matmuls, factor gradients from rank-``r`` products; the cost
+model's "merged" choice), fed with the dense ``A`` and ``B``.
+
 A fused op is called as ``fused_op(x, W0, bias, *A's factors, *B's factors, scale, transposed)`` and its output 0
 is the layer's output (the others are saved for its backward); a structure's factors are its feed op's arguments in
 order (dense: ``A`` and ``B`` themselves). Each lsrfx op that adapters put
@@ -73,6 +77,7 @@ DENSE = FactorStructure("dense", None, lsrfx_ops.lowrank_linear, torch.t)
 FACTOR_STRUCTURES: tuple[FactorStructure, ...] = (KRONECKER, DENSE)
 FACTOR_OPS: tuple[FactorOp, ...] = tuple(dict.fromkeys((COMPOSE, *(s.feed for s in FACTOR_STRUCTURES if s.feed))))
 FUSED_OPS: tuple[OpOverloadPacket, ...] = tuple(s.fused_op for s in FACTOR_STRUCTURES)
+MERGED_LINEAR: OpOverloadPacket = lsrfx_ops.merged_linear
 
 
 def is_call(node: object, op: OpOverloadPacket) -> bool:
@@ -89,6 +94,11 @@ def is_factor_op(node: object) -> bool:
 def is_fused_op(node: object) -> bool:
     """True for a node of one of the fused ops the pass inserts."""
     return any(is_call(node, op) for op in FUSED_OPS)
+
+
+def is_merged_op(node: object) -> bool:
+    """True for a node of ``merged_linear``, which the pass inserts for its "merged" choice."""
+    return is_call(node, MERGED_LINEAR)
 
 
 def onnx_translation_table() -> dict[Callable, Callable]:

@@ -1,11 +1,12 @@
-"""The FX rewrite: each adapted linear-like node becomes one fused lsrfx op, or stays materialised.
+"""The FX rewrite: each adapted linear-like node becomes one lsrfx op (fused or merged), or stays materialised.
 
 For every :class:`~lsrfx.passes.match.Match` the cost model decides. "fused" replaces the consumer by the fused op
 of the match's factor structure (:mod:`lsrfx.kernels.factor_table`): ``lsrfx::lowrank_linear(x, W0, bias, A,
 B, s, transposed)``, or ``lsrfx::lsr_linear`` fed with LSR's Kronecker factors straight from the ``kron_sum``
 nodes; the consumer's uses take the fused op's output 0 (the other outputs are saved for its backward). It erases
-``compose`` and the feed ops once nothing else uses them, so ``dW`` is never formed. "materialised" leaves
-``linear(x, compose(...))`` as it is. The method's factor subgraph (LoRA's parameters, CondLoRA's ``C_A @ W0.T``,
+``compose`` and the feed ops once nothing else uses them, so ``dW`` is never formed. "merged" replaces the
+consumer by ``lsrfx::merged_linear(x, W0, bias, A, B, s, transposed)`` on the dense factors (``W0 + dW`` for the
+matmuls, no dense weight gradient). "materialised" leaves ``linear(x, compose(...))`` as it is. The method's factor subgraph (LoRA's parameters, CondLoRA's ``C_A @ W0.T``,
 GenLoRA's RBF bank, LSR's factors) is already in the captured graph, upstream of ``compose``; the rewrite rewires
 it into the fused op, and writes a dense factor that is a small matrix product as a reduction (see
 :func:`_products_as_reductions`). Graphs without ``compose`` are not touched.
@@ -15,12 +16,13 @@ from __future__ import annotations
 
 import logging
 import operator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import fx
 
-from lsrfx.kernels.factor_table import KRON_SUM, is_call, is_factor_op
+from lsrfx.kernels.factor_table import KRON_SUM, MERGED_LINEAR, is_call, is_factor_op
 from lsrfx.kernels.lowrank_linear import formed_transposed
 from lsrfx.passes import cost_model
 from lsrfx.passes.logs import LOGGER
@@ -37,7 +39,7 @@ class Decision:
     layer: str  # module path, from Dynamo's nn_module_stack
     kind: str  # linear | addmm | mm | ...
     fused_op: str  # the fused op of the node's factor structure, e.g. "lsrfx::lsr_linear"; "" when skipped
-    action: str  # fused | materialised | skipped
+    action: str  # fused | merged | materialised | skipped
     reason: str
     fused_node: str = ""
 
@@ -83,7 +85,8 @@ def _shape_of(m: Match) -> cost_model.Shape | None:
     factors = [_val(f) for f in (*m.a_factors, *m.b_factors)]
     training = any(f is not None and f.requires_grad for f in factors)
     return cost_model.Shape(tokens=tokens, d_in=k, d_out=n, rank=r, training=training, input_grad=x.requires_grad,
-                            elem_bytes=x.element_size(), factor_flops=_factor_flops(m), device=x.device.type)
+                            elem_bytes=x.element_size(), factor_flops=_factor_flops(m), device=x.device.type,
+                            same_dtype=w0.dtype == a.dtype)
 
 
 def _factor_flops(m: Match) -> float:
@@ -149,14 +152,31 @@ def _products_as_reductions(graph: fx.Graph, m: Match) -> int:
     return done
 
 
-def _rewrite(graph: fx.Graph, m: Match) -> fx.Node:
+def _fused_call(graph: fx.Graph, m: Match) -> tuple[fx.Node, fx.Node]:
+    """``(op node, result node)`` of the structure's fused op (output 0 is the layer's output; the others are saved
+    for its backward)."""
+    fused = graph.call_function(m.structure.fused_op.default,
+                                (m.x, m.w0, m.bias, *_factor_args(graph, m), m.scale, m.op_transposed))
+    return fused, graph.call_function(operator.getitem, (fused, 0))
+
+
+def _merged_call(graph: fx.Graph, m: Match) -> tuple[fx.Node, fx.Node]:
+    """``(op node, result node)`` of ``merged_linear`` on the dense ``A`` and ``B`` (swapped and transposed where
+    orientations disagree), which stay in the graph: their feed ops' backward chains the factor gradients."""
+    a, b = m.a, m.b
+    if m.swap:
+        a, b = (graph.call_function(torch.t, (f,)) for f in (m.b, m.a))
+    merged = graph.call_function(MERGED_LINEAR.default, (m.x, m.w0, m.bias, a, b, m.scale, m.op_transposed))
+    return merged, merged
+
+
+def _rewrite(graph: fx.Graph, m: Match, call: Callable[[fx.Graph, Match], tuple[fx.Node, fx.Node]]) -> fx.Node:
+    """Replace ``m.consumer`` by ``call``'s op; erase what no longer has users. Returns the op node."""
     consumer = m.consumer
     with graph.inserting_before(consumer):
-        factors = _factor_args(graph, m)
-        fused = graph.call_function(m.structure.fused_op.default,
-                                    (m.x, m.w0, m.bias, *factors, m.scale, m.op_transposed))
-        fused.meta.update({k: v for k, v in consumer.meta.items() if k not in ("example_value", "val")})
-        result = graph.call_function(operator.getitem, (fused, 0))  # the others are saved for the backward
+        op_node, result = call(graph, m)
+        if op_node is not result:
+            op_node.meta.update({k: v for k, v in consumer.meta.items() if k not in ("example_value", "val")})
         result.meta.update(consumer.meta)
         if m.addend is not None:
             result = graph.call_function(torch.add, (result, m.addend))
@@ -167,7 +187,7 @@ def _rewrite(graph: fx.Graph, m: Match) -> fx.Node:
         if isinstance(dead, fx.Node) and not dead.users and (call_kind(dead) in ("t", "transpose")
                                                              or is_factor_op(dead)):
             graph.erase_node(dead)
-    return fused
+    return op_node
 
 
 def fuse_adapted_linears(graph: fx.Graph, record: bool = True) -> list[Decision]:
@@ -186,10 +206,10 @@ def fuse_adapted_linears(graph: fx.Graph, record: bool = True) -> list[Decision]
         shape = _shape_of(found)
         action, reason = cost_model.decide(shape)
         d = Decision(node.name, layer, found.kind, found.structure.fused_op_name, action, reason)
-        if action == "fused":
+        if action in ("fused", "merged"):
             if _products_as_reductions(graph, found):
                 d.reason += "; factor matmuls generated as reductions"
-            d.fused_node = _rewrite(graph, found).name
+            d.fused_node = _rewrite(graph, found, _fused_call if action == "fused" else _merged_call).name
         decisions.append(d)
     if decisions and record:
         _record(decisions)
@@ -203,4 +223,5 @@ def _record(decisions: list[Decision]) -> None:
         counters["lsrfx"][d.action] += 1
         log.info("lsrfx: %s", d)
     n_fused = sum(d.action == "fused" for d in decisions)
-    log.info("lsrfx: %d of %d adapted nodes fused in this graph", n_fused, len(decisions))
+    n_merged = sum(d.action == "merged" for d in decisions)
+    log.info("lsrfx: %d of %d adapted nodes fused in this graph, %d merged", n_fused, len(decisions), n_merged)
