@@ -19,14 +19,14 @@ and one profiled step is counted:
   matmul calls (including those inside the eager AdamW step: none);
 * **lsrfx ops**: calls of lsrfx custom ops that Inductor could not see into (``compose``, ``kron_sum`` on a
   materialised path), each run eagerly as several aten ops that the columns before do not count (except their
-  matmuls); the fused ops are inlined, so a fused variant shows 0;
+  matmuls); the fused ops and ``merged_linear`` are inlined, so a fused or merged variant shows 0;
 * **graphs**: Dynamo graphs compiled (graph breaks show here), **recompiles**: graphs compiled after the first
-  step, **fused / mat.**: the lsrfx pass's decisions;
+  step, **fused / merged / mat.**: the lsrfx pass's decisions;
 * **peak MB** (``--memory``): the peak of the running sum of the allocator's allocation and free events in one
   more step (``profile_memory=True``), as ``bench/train_step.py`` measures it on CPU.
 
     python bench/kernel_count.py                                   # hidden 384, 1 layer, every variant
-    python bench/kernel_count.py --hidden 1024 --layers 4 lora genlora --fuse auto always never
+    python bench/kernel_count.py --hidden 1024 --layers 4 lora genlora --fuse auto always merged never
     python bench/kernel_count.py lsr --names                       # also list the generated kernels by name
     python bench/kernel_count.py --layers 6 --memory               # the benchmark's depth, with peak memory
 """
@@ -44,6 +44,7 @@ from torch._dynamo.utils import counters
 from train_step import METHODS, PEFT_LORA, profiled_peak_mb  # bench/ is on sys.path when run as a script
 
 import lsrfx
+from lsrfx.passes import cost_model
 
 EXTERN = ("aten::mm", "aten::addmm", "aten::bmm")
 
@@ -109,7 +110,7 @@ def count(variant: str, fuse: str, args: argparse.Namespace) -> tuple[dict, Coun
     row["lsrfx ops"] = sum(c for n, c in names.items() if n.startswith("lsrfx::"))
     row["graphs"] = graphs
     row["recompiles"] = counters["stats"]["unique_graphs"] - graphs
-    row["fused"], row["mat."] = counters["lsrfx"]["fused"], counters["lsrfx"]["materialised"]
+    row["fused"], row["merged"], row["mat."] = (counters["lsrfx"][a] for a in ("fused", "merged", "materialised"))
     if args.memory:
         row["peak MB"] = f"{profiled_peak_mb(step):.1f}"
     return row, generated
@@ -123,7 +124,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=1)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq", type=int, default=128)
-    ap.add_argument("--fuse", nargs="+", default=["auto"], choices=["auto", "always", "never"],
+    ap.add_argument("--fuse", nargs="+", default=["auto"], choices=cost_model.POLICIES,
                     help="LSRFX_FUSE values to compile each lsrfx method with (default: auto)")
     ap.add_argument("--names", action="store_true", help="list each variant's generated kernels by name")
     ap.add_argument("--memory", action="store_true", help="add each variant's peak memory of one step")
@@ -133,7 +134,7 @@ def main() -> None:
     torch._functorch.config.enable_autograd_cache = False
     torch._dynamo.config.recompile_limit = 64
 
-    cols = ["generated", "mm", "addmm", "bmm", "total", "lsrfx ops", "graphs", "recompiles", "fused", "mat."]
+    cols = ["generated", "mm", "addmm", "bmm", "total", "lsrfx ops", "graphs", "recompiles", "fused", "merged", "mat."]
     cols += ["peak MB"] if args.memory else []
     print(f"hidden {args.hidden}, {args.layers} layer(s), {args.batch} x {args.seq} tokens, query + value adapted; "
           f"per compiled training step (forward + backward + AdamW)\n")

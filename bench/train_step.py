@@ -23,11 +23,11 @@ Variants (``--variants`` picks a subset by key; the floor and peft compiled are 
 * ``lora-fused``, ... (not in the default set): the same compiled with ``LSRFX_FUSE=always`` (every node fused:
   the rank-``r`` products beside the base matmul), to compare with what the rule chose;
 * ``lora-materialised``, ... : the same compiled with ``LSRFX_FUSE=never`` ("materialised" rows: ``W0 + dW`` is
-  formed and a plain matmul runs, its backward forms the dense weight gradient). The pass reads ``LSRFX_FUSE`` when Inductor compiles (it is part of the pass's
-  uuid), so the variable is set around each variant's first step only; the decisions the pass recorded in
-  ``torch._dynamo.utils.counters["lsrfx"]`` during that compilation are printed per variant, a materialised
-  variant with any fused node is an error, and a compiled / materialised pair that ran the same Inductor wrapper
-  code is an error;
+  formed and a plain matmul runs, its backward forms the dense weight gradient). The pass reads ``LSRFX_FUSE``
+  when Inductor compiles (it is part of the pass's uuid), so the variable is set around each variant's first step
+  only; the decisions the pass recorded in ``torch._dynamo.utils.counters["lsrfx"]`` during that compilation are
+  printed per variant, a forced variant (fused, materialised) with any node of another choice is an error, and a
+  compiled / forced pair with different decisions that ran the same Inductor wrapper code is an error;
 * ``lora-eager``, ``lsr-eager``, ``condlora-eager``, ``genlora-eager`` (not in the default set): lsrfx unfused.
 
 Every adapter targets ``query`` and ``value``; methods use ``METHODS`` below, each method's default (LoRA r = 8,

@@ -326,8 +326,8 @@ def test_cost_rule_is_monotone_in_tokens_and_width(monkeypatch, rank, input_grad
 def test_cost_rule_decisions_on_the_benchmark_layers(monkeypatch):
     """2,048 tokens (batch 16 x 128) at hidden 384 and 1,024: every method's default rank merges on CPU (one matmul
     through W0 + dW, rank-r factor gradients); never on CUDA (whose fused kernel computes x @ A.T inside the base
-    matmul), and it fuses over a base of another dtype than the factors (merging would round dW); few tokens fuse; narrow
-    layers fed many tokens materialise; without a backward, many tokens materialise; LSRFX_FUSE overrides."""
+    matmul), and it fuses over a base of another dtype than the factors (merging would round dW); few tokens fuse;
+    narrow layers fed many tokens materialise; without a backward, many tokens materialise; LSRFX_FUSE overrides."""
     from lsrfx.passes import cost_model
 
     monkeypatch.delenv("LSRFX_FUSE", raising=False)

@@ -121,7 +121,8 @@ def costs(shape: Shape) -> Costs:
         factors = machine.seconds(3 * shape.factor_flops, 0)  # forward, and the two products of its backward
         if machine.merges and shape.same_dtype:
             forms = 1 + grad_x  # W0 + dW in the forward, again for the input gradient
-            merged = machine.seconds(forms * 2 * n * k * r + 4 * m * r * (k + n), e * (forms * 2 * n * k + 2 * m * (k + n)))
+            merged = machine.seconds(forms * 2 * n * k * r + 4 * m * r * (k + n),
+                                     e * (forms * 2 * n * k + 2 * m * (k + n)))
     else:
         fused = machine.seconds(2 * m * r * (k + n), e * m * (k + 2 * n))
         materialised = machine.seconds(2 * n * k * r, e * 4 * n * k)

@@ -6,10 +6,11 @@ B, s, transposed)``, or ``lsrfx::lsr_linear`` fed with LSR's Kronecker factors s
 nodes; the consumer's uses take the fused op's output 0 (the other outputs are saved for its backward). It erases
 ``compose`` and the feed ops once nothing else uses them, so ``dW`` is never formed. "merged" replaces the
 consumer by ``lsrfx::merged_linear(x, W0, bias, A, B, s, transposed)`` on the dense factors (``W0 + dW`` for the
-matmuls, no dense weight gradient). "materialised" leaves ``linear(x, compose(...))`` as it is. The method's factor subgraph (LoRA's parameters, CondLoRA's ``C_A @ W0.T``,
-GenLoRA's RBF bank, LSR's factors) is already in the captured graph, upstream of ``compose``; the rewrite rewires
-it into the fused op, and writes a dense factor that is a small matrix product as a reduction (see
-:func:`_products_as_reductions`). Graphs without ``compose`` are not touched.
+matmuls, no dense weight gradient). "materialised" leaves ``linear(x, compose(...))`` as it is. The method's factor
+subgraph (LoRA's parameters, CondLoRA's ``C_A @ W0.T``, GenLoRA's RBF bank, LSR's factors) is already in the
+captured graph, upstream of ``compose``; the rewrite rewires it into the new op, and writes a dense factor that is
+a small matrix product as a reduction (see :func:`_products_as_reductions`). Graphs without ``compose`` are not
+touched.
 """
 
 from __future__ import annotations
