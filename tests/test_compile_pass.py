@@ -223,6 +223,14 @@ def test_explain_reports_decisions_and_counts():
     assert "fused ops: 0 of 0" in lsrfx.explain(plain.eval(), torch.randint(0, 100, (1, 4)))
 
 
+def test_explain_shows_merged_layers(monkeypatch):
+    monkeypatch.setenv("LSRFX_FUSE", "merged")
+    text = lsrfx.explain(adapted_tiny("gpt2", "lsr"), torch.randint(0, 100, (2, 5)), graphs=True)
+    assert "fusion policy 'merged'" in text and "2 adapted node(s), 0 fused, 2 merged" in text
+    assert text.count("[addmm, lsrfx::lsr_linear]: merged -> merged_linear") == 2
+    assert "MERGED" in text and "fused ops: 0 of 2 adapted node(s); merged: 2" in text
+
+
 def test_lsrfx_log_env(monkeypatch, caplog):
     import logging
 
