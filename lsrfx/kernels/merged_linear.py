@@ -55,10 +55,8 @@ def merged_linear_grads(
         # W' re-formed in the other layout, (K, N) when W0 is (N, K): an expression that differs from the forward's,
         # so AOTAutograd's common-subexpression elimination cannot merge the two and save W' (N x K per layer)
         # from the forward for the backward; re-forming costs 2 N K r flops, far less than keeping it.
-        if transposed:  # W0 stored (K, N), the forward's W' too: here (N, K)
-            merged_nk = torch.addmm(w.t(), b, a, alpha=scale)
-        else:  # W0 and the forward's W' are (N, K): here formed as (K, N)
-            merged_nk = torch.addmm(w.t(), a.t(), b.t(), alpha=scale).t()
+        other_layout = merged_weight(w.t(), a, b, scale, not transposed)
+        merged_nk = other_layout if transposed else other_layout.t()
         grad_x = flat(grad) @ merged_nk
         grad_x = grad_x.reshape(*grad.shape[:-1], grad_x.shape[-1])
     if need_a or need_b:
