@@ -127,6 +127,15 @@ def grad_weight_reference(grad: Tensor, x: Tensor, transposed: bool) -> Tensor:
     return gw.t() if transposed else gw
 
 
+def base_grads(grad: Tensor, x: Tensor, w: Tensor, *, need_w: bool, need_bias: bool,
+               transposed: bool) -> tuple[Tensor | None, Tensor | None]:
+    """``(grad_w, grad_bias)`` of an adapted linear, ``None`` where not needed: the base's part of every adapted
+    linear's backward (fused or merged), the same whatever the adapter."""
+    grad_w = grad_weight_reference(grad, x, transposed).to(w.dtype) if need_w else None
+    grad_bias = flat(grad).sum(0) if need_bias else None
+    return grad_w, grad_bias
+
+
 # --- bodies shared with lsr_linear ----------------------------------------------------------------------------
 
 
@@ -234,15 +243,12 @@ def linear_grads(
     Shared by every fused linear's backward (``lsr_linear`` passes its dense ``A`` and ``B``); ``v = x @ A.T`` is
     the one the forward saved."""
     need_x, need_w, need_bias, need_a, need_b = needs
-    grad_x = u = grad_w = grad_bias = grad_a = grad_b = None
+    grad_x = u = grad_a = grad_b = None
     if need_x:
         grad_x, u = torch.ops.lsrfx.lowrank_linear_grad_input(grad, w, a, b, scale, transposed)
     if need_a or need_b:
         grad_a, grad_b = torch.ops.lsrfx.lowrank_linear_grad_factors(grad, x, v, a, b, u, scale)
-    if need_w:
-        grad_w = grad_weight_reference(grad, x, transposed).to(w.dtype)
-    if need_bias:
-        grad_bias = flat(grad).sum(0)
+    grad_w, grad_bias = base_grads(grad, x, w, need_w=need_w, need_bias=need_bias, transposed=transposed)
     return grad_x, grad_w, grad_bias, (grad_a if need_a else None), (grad_b if need_b else None)
 
 

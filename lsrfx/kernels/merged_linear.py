@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lsrfx.kernels.lowrank_linear import GradsNeeded, flat, grad_factors_reference, grad_weight_reference
+from lsrfx.kernels.lowrank_linear import GradsNeeded, base_grads, flat, grad_factors_reference
 from lsrfx.utils import quiet_logger
 
 
@@ -50,7 +50,7 @@ def merged_linear_grads(
     """``(grad_x, grad_w, grad_bias, grad_a, grad_b)``, each ``None`` where ``needs`` is false; the factor
     gradients in their factors' layouts (see ``lowrank_linear.column_major``)."""
     need_x, need_w, need_bias, need_a, need_b = needs
-    grad_x = grad_w = grad_bias = grad_a = grad_b = None
+    grad_x = grad_a = grad_b = None
     if need_x:
         # W' re-formed in the other layout, (K, N) when W0 is (N, K): an expression that differs from the forward's,
         # so AOTAutograd's common-subexpression elimination cannot merge the two and save W' (N x K per layer)
@@ -62,10 +62,7 @@ def merged_linear_grads(
     if need_a or need_b:
         v = flat(x) @ a.t()
         grad_a, grad_b = grad_factors_reference(grad, x, v, a, b, None, scale)
-    if need_w:
-        grad_w = grad_weight_reference(grad, x, transposed).to(w.dtype)
-    if need_bias:
-        grad_bias = flat(grad).sum(0)
+    grad_w, grad_bias = base_grads(grad, x, w, need_w=need_w, need_bias=need_bias, transposed=transposed)
     return grad_x, grad_w, grad_bias, (grad_a if need_a else None), (grad_b if need_b else None)
 
 
