@@ -12,7 +12,8 @@ side (accuracy does not depend on timing). Budgets are matched to LoRA r = 1, 2,
   24, 48 equal LoRA r = 1, 2, 4, 8 exactly (plus the default r = 8);
 * GenLoRA: g (768) + 2 r (g + 2) per layer (basis rbf or centred; ``--genlora-basis``), so (g, r) = (1, 16),
   (2, 16), (4, 32), (8, 32) are LoRA r = 1, 2, 4, 8 + 8-13 % (plus the default g = 2, r = 32 with each basis, and
-  the mixed basis at r = m = 20, g = 1, which fits under 30 % of LoRA r = 8);
+  the mixed basis at r = m = 20, g = 1, which fits under 30 % of LoRA r = 8; more RBFs inside that budget,
+  g = 1 at r = 64 and 128; the default with a wider kernel, gamma 3);
 * LSR-Adapt's paper recipe (``lsr-paper``: init "paper", alpha 16384, lr 5e-4; ``lsr-paper-lr1e-3``: lr 1e-3);
 * learning-rate checks (``-lr`` points): each default at its lr / 3 and x 3, and each structured point at LoRA
   r = 8's budget at its method's lr / 3.
@@ -41,7 +42,14 @@ from pathlib import Path
 
 OUT = Path(__file__).with_name("results") / "frontier"
 # Points that are variants of a method (another basis, base or recipe), plotted on their own, not on its line.
-VARIANT_TAGS = ("rbf", "mixed", "int8", "paper", "-lr", "r2x4", "r4x4")
+VARIANT_TAGS = ("rbf", "mixed", "int8", "paper", "-lr", "r2x4", "r4x4", "gamma", "g1r64", "g1r128")
+# What a results folder keeps out of the repository: each run's adapter files, plot and log (reproducible);
+# report.json per run and the folder's frontier.md / frontier.png are kept.
+GITIGNORE = """# Per-run outputs kept out of the repository (reproduced by bench/frontier.py): adapter files, plots, logs.
+*/report.png
+*-seed*/*-seed*/
+logs/
+"""
 RUN_FLAGS = ("lr", "quantize")  # point options that are lsrfx finetune flags, not adapter options
 
 
@@ -67,6 +75,12 @@ def points(genlora_basis: str) -> dict[str, tuple[str, dict]]:
     out["genlora-rbf-g2r32"] = ("genlora", {"basis": "rbf"})
     out["genlora-centred-g2r32"] = ("genlora", {"basis": "centred"})
     out["genlora-mixed-g1r20"] = ("genlora", {"basis": "mixed", "group_size": 1, "r": 20, "alpha": 20.0})
+    # More RBFs per bank inside the default budget (g = 1: 768 + 6 r per layer, so r = 64, 128 are 19 % and 25 % of
+    # LoRA r = 8), and the default's bank with a wider kernel (gamma 3 instead of "nearest"'s ~11 at g = 2: ~9 % of
+    # the positions within exp(-2) of no RBF at init instead of ~32 %)
+    out["genlora-centred-g1r64"] = ("genlora", {"group_size": 1, "r": 64, "alpha": 64.0, "basis": "centred"})
+    out["genlora-centred-g1r128"] = ("genlora", {"group_size": 1, "r": 128, "alpha": 128.0, "basis": "centred"})
+    out["genlora-centred-g2r32-gamma3"] = ("genlora", {"basis": "centred", "gamma_init": 3.0})
     for g, r in ((1, 16), (2, 16), (4, 32), (8, 32)):
         out[f"genlora-{genlora_basis}-g{g}r{r}"] = ("genlora", {"group_size": g, "r": r, "alpha": float(r),
                                                              "basis": genlora_basis})
@@ -147,18 +161,23 @@ def summarise(out: Path) -> None:
     except ImportError:
         print("matplotlib not installed: no plot")
         return
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for label, pts in sorted(series.items()):
+    fig, ax = plt.subplots(figsize=(10, 5))
+    # One colour per method, its budget line solid; a variant point takes its method's colour and a marker of its own
+    colours = {"lora": "tab:blue", "lsr": "tab:orange", "condlora": "tab:green", "genlora": "tab:red"}
+    variant_markers = iter(["x", "^", "s", "D", "v", "P", "*", "<", ">", "h", "d", "p", "X", "8"] * 4)
+    for label, pts in sorted(series.items(), key=lambda kv: (any(t in kv[0] for t in VARIANT_TAGS), kv[0])):
         pts.sort()
         single = any(tag in label for tag in VARIANT_TAGS)  # a variant point: a marker of its own, no line
+        colour = colours.get(label.split("-", 1)[0], "tab:gray")
         ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], capsize=3, label=label,
-                    marker="x" if single else "o", linestyle="none" if single else "-", alpha=0.7 if single else 1)
+                    color=colour, marker=next(variant_markers) if single else "o",
+                    linestyle="none" if single else "-", alpha=0.55 if single else 1, linewidth=2)
     ax.set_xscale("log")
     ax.set_xlabel("adapter parameters (log scale)")
     ax.set_ylabel("test accuracy % (mean +- std over seeds)")
     ax.set_title("all-MiniLM-L6-v2 on Debian sections: accuracy vs adapter budget")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, ncol=2)
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(out / "frontier.png", dpi=120)
     print(f"wrote {out / 'frontier.md'} and {out / 'frontier.png'}")
@@ -201,6 +220,9 @@ def main() -> None:
         raise SystemExit(f"unknown points {unknown}; known: {sorted(catalogue)}")
     todo = [(name, *catalogue[name], seed) for name in (args.only or catalogue) for seed in args.seeds]
     args.out.mkdir(parents=True, exist_ok=True)
+    ignore = args.out / ".gitignore"
+    if not ignore.exists():  # every results folder keeps the same files in the repository
+        ignore.write_text(GITIGNORE)
     print(f"{len(todo)} runs, {args.jobs} at a time", flush=True)
     with ThreadPoolExecutor(args.jobs) as pool:
         for line in pool.map(lambda t: run_point(*t, args), todo):
