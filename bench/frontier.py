@@ -43,6 +43,8 @@ from pathlib import Path
 OUT = Path(__file__).with_name("results") / "frontier"
 # Points that are variants of a method (another basis, base or recipe), plotted on their own, not on its line.
 VARIANT_TAGS = ("rbf", "mixed", "int8", "paper", "-lr", "r2x4", "r4x4", "gamma", "g1r64", "g1r128")
+# Points that form a line of their own: a method's other shape swept over the same budgets.
+SHAPE_LINES = {"lsr-r2x4-s": "lsr rank 8 (r1 = 2, r2 = 4)"}
 # What a results folder keeps out of the repository: each run's adapter files, plot and log (reproducible);
 # report.json per run and the folder's frontier.md / frontier.png are kept.
 GITIGNORE = """# Per-run outputs kept out of the repository (reproduced by bench/frontier.py): adapter files, plots, logs.
@@ -65,6 +67,8 @@ def points(genlora_basis: str) -> dict[str, tuple[str, dict]]:
     out["lsr-r2x4-s11"] = ("lsr", {"r1": 2, "r2": 4, "separation_rank": 11})  # rank 8, 2,464 per layer
     out["lsr-r4x4-s8"] = ("lsr", {"r1": 4, "r2": 4, "separation_rank": 8})  # rank 16, 2,560 per layer
     out["lsr-r2x4-s27"] = ("lsr", {"r1": 2, "r2": 4, "separation_rank": 27})  # rank 8, LoRA r=8's budget
+    for s in (3, 7, 14):  # rank 8 at LoRA r = 1, 2, 4's budgets (2,688 S in all): the default's shape as a line
+        out[f"lsr-r2x4-s{s}"] = ("lsr", {"r1": 2, "r2": 4, "separation_rank": s})
     # LSR-Adapt's paper recipe: N(0, 0.01^2) factors, scale 4096 (alpha 16384 at r1 = r2 = 2), lr 5e-4
     out["lsr-paper"] = ("lsr", {**paper_rank, "init": "paper", "alpha": 16384.0, "lr": 5e-4})
     out["lsr-paper-lr1e-3"] = ("lsr", {**paper_rank, "init": "paper", "alpha": 16384.0, "lr": 1e-3})
@@ -149,8 +153,10 @@ def summarise(out: Path) -> None:
                      f"{statistics.mean(test):.2f} +- {sd:.2f} | {statistics.mean(val):.2f} | "
                      f"{statistics.mean(mean_effective_rank(r) for r in runs):.1f} | {len(runs)} | "
                      f"{', '.join(str(r.get('best_epoch', '?')) for r in runs)} |")
+        line = shape_line(name)
         variant = next((tag for tag in VARIANT_TAGS if tag in name), None)  # off the method's own line
-        series.setdefault(name if variant else runs[0]["method"], []).append((params, statistics.mean(test), sd))
+        label = line or (name if variant else runs[0]["method"])
+        series.setdefault(label, []).append((params, statistics.mean(test), sd))
     (out / "frontier.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     try:
@@ -165,13 +171,15 @@ def summarise(out: Path) -> None:
     # One colour per method, its budget line solid; a variant point takes its method's colour and a marker of its own
     colours = {"lora": "tab:blue", "lsr": "tab:orange", "condlora": "tab:green", "genlora": "tab:red"}
     variant_markers = iter(["x", "^", "s", "D", "v", "P", "*", "<", ">", "h", "d", "p", "X", "8"] * 4)
+    shapes = set(SHAPE_LINES.values())
     for label, pts in sorted(series.items(), key=lambda kv: (any(t in kv[0] for t in VARIANT_TAGS), kv[0])):
         pts.sort()
-        single = any(tag in label for tag in VARIANT_TAGS)  # a variant point: a marker of its own, no line
-        colour = colours.get(label.split("-", 1)[0], "tab:gray")
+        single = label not in shapes and any(tag in label for tag in VARIANT_TAGS)  # a marker of its own, no line
+        colour = colours.get(label.split("-", 1)[0].split(" ", 1)[0], "tab:gray")
+        style = "none" if single else "--" if label in shapes else "-"
         ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], capsize=3, label=label,
                     color=colour, marker=next(variant_markers) if single else "o",
-                    linestyle="none" if single else "-", alpha=0.55 if single else 1, linewidth=2)
+                    linestyle=style, alpha=0.55 if single else 1, linewidth=2)
     ax.set_xscale("log")
     ax.set_xlabel("adapter parameters (log scale)")
     ax.set_ylabel("test accuracy % (mean +- std over seeds)")
@@ -181,6 +189,12 @@ def summarise(out: Path) -> None:
     fig.tight_layout()
     fig.savefig(out / "frontier.png", dpi=120)
     print(f"wrote {out / 'frontier.md'} and {out / 'frontier.png'}")
+
+
+def shape_line(name: str) -> str | None:
+    """The shape line a point belongs to (``SHAPE_LINES``), if its name is a prefix there plus a number."""
+    return next((label for prefix, label in SHAPE_LINES.items()
+                 if name.startswith(prefix) and name[len(prefix):].isdigit()), None)
 
 
 def mean_effective_rank(run: dict) -> float:
