@@ -6,8 +6,8 @@ side (accuracy does not depend on timing). Budgets are matched to LoRA r = 1, 2,
 384 x 384 layer, 12 layers) within 15 %:
 
 * LSR-Adapt at the paper's r1 = r2 = 2: 160 S per layer, so S = 5, 10, 19, 38 (plus the paper's S = 16); at that
-  budget also rank 8 (r1 = 2, r2 = 4, S = 11: lsrfx's default) and rank 16 (r1 = r2 = 4, S = 8), and rank 8 at
-  LoRA r = 8's budget (S = 27);
+  budget also rank 8 (r1 = 2, r2 = 4, S = 11: lsrfx's default) and rank 16 (r1 = r2 = 4, S = 8); rank 8 at
+  every budget too (224 S per layer: S = 3, 7, 14, 27), plotted as a line of its own;
 * CondLoRA: 768 r per group of 6 layers (one pair shared by the 6 query and by the 6 value layers), so r = 6, 12,
   24, 48 equal LoRA r = 1, 2, 4, 8 exactly (plus the default r = 8);
 * GenLoRA: g (768) + 2 r (g + 2) per layer (basis rbf or centred; ``--genlora-basis``), so (g, r) = (1, 16),
