@@ -93,7 +93,9 @@ def points(genlora_basis: str) -> dict[str, tuple[str, dict]]:
     # at the paper's rank 4, its default then)
     defaults = {"lora-r8": ("lora", {}, (1e-3, 1e-2)), "lsr-s16": ("lsr", {**paper_rank, "separation_rank": 16},
                                                                    (3e-3, 3e-2)),
-                "condlora-r8": ("condlora", {}, (1e-3, 1e-2)), "genlora-g2r32": ("genlora", {}, (3e-3, 3e-2))}
+                "condlora-r8": ("condlora", {}, (1e-3, 1e-2)), "genlora-g2r32": ("genlora", {}, (3e-3, 3e-2)),
+                # LSR-Adapt's rank-8 default (chosen after the check above, at its lr of rank 4): lr / 3 and / 2
+                "lsr-r2x4-s11": ("lsr", out["lsr-r2x4-s11"][1], (3e-3, 5e-3))}
     # At LoRA r = 8's budget, each structured point also at its method's default lr / 3: a sum over more Kronecker
     # terms, a larger shared rank or more latent dimensions moves dW further per step at the same lr
     g8r32 = ("genlora", {"group_size": 8, "r": 32, "alpha": 32.0, "basis": "centred"})
