@@ -13,7 +13,8 @@ side (accuracy does not depend on timing). Budgets are matched to LoRA r = 1, 2,
 * GenLoRA: g (768) + 2 r (g + 2) per layer (basis rbf or centred; ``--genlora-basis``), so (g, r) = (1, 16),
   (2, 16), (4, 32), (8, 32) are LoRA r = 1, 2, 4, 8 + 8-13 % (plus the default g = 2, r = 32 with each basis, and
   the mixed basis at r = m = 20, g = 1, which fits under 30 % of LoRA r = 8; more RBFs inside that budget,
-  g = 1 at r = 64 and 128; the default with a wider kernel, gamma 3);
+  g = 1 at r = 64 and 128; the default with a wider kernel, gamma 3; the budget spent on rank: g = 2 at r = 64
+  and 192, g = 3 at r = 384, plotted as a line of its own);
 * LSR-Adapt's paper recipe (``lsr-paper``: init "paper", alpha 16384, lr 5e-4; ``lsr-paper-lr1e-3``: lr 1e-3);
 * learning-rate checks (``-lr`` points): each default at its lr / 3 and x 3, and each structured point at LoRA
   r = 8's budget at its method's lr / 3.
@@ -42,9 +43,14 @@ from pathlib import Path
 
 OUT = Path(__file__).with_name("results") / "frontier"
 # Points that are variants of a method (another basis, base or recipe), plotted on their own, not on its line.
-VARIANT_TAGS = ("rbf", "mixed", "int8", "paper", "-lr", "r2x4", "r4x4", "gamma", "g1r64", "g1r128")
-# Points that form a line of their own: a method's other shape swept over the same budgets.
-SHAPE_LINES = {"lsr-r2x4-s": "lsr rank 8 (r1 = 2, r2 = 4)"}
+VARIANT_TAGS = ("rbf", "mixed", "int8", "paper", "-lr", "r2x4", "r4x4", "gamma", "g1r64", "g1r128", "g2r64", "g2r192",
+                "g3r384")
+# Lines of their own: a method's other shape swept over the budgets (a point may also be on its method's line).
+SHAPE_LINES = {
+    "lsr rank 8 (r1 = 2, r2 = 4)": ("lsr-r2x4-s3", "lsr-r2x4-s7", "lsr-r2x4-s11", "lsr-r2x4-s14", "lsr-r2x4-s27"),
+    "genlora rank (g = 2, 3)": ("genlora-centred-g2r32", "genlora-centred-g2r64", "genlora-centred-g2r192",
+                                "genlora-centred-g3r384"),
+}
 # What a results folder keeps out of the repository: each run's adapter files, plot and log (reproducible);
 # report.json per run and the folder's frontier.md / frontier.png are kept.
 GITIGNORE = """# Per-run outputs kept out of the repository (reproduced by bench/frontier.py): adapter files, plots, logs.
@@ -85,6 +91,10 @@ def points(genlora_basis: str) -> dict[str, tuple[str, dict]]:
     out["genlora-centred-g1r64"] = ("genlora", {"group_size": 1, "r": 64, "alpha": 64.0, "basis": "centred"})
     out["genlora-centred-g1r128"] = ("genlora", {"group_size": 1, "r": 128, "alpha": 128.0, "basis": "centred"})
     out["genlora-centred-g2r32-gamma3"] = ("genlora", {"basis": "centred", "gamma_init": 3.0})
+    # The budget spent on rank instead of latent dimensions: g = 2 at r = 64 (33 % of LoRA r = 8) and r = 192
+    # (LoRA r = 4's budget exactly), g = 3 at r = 384 (full rank: LoRA r = 8's budget exactly)
+    for g, r in ((2, 64), (2, 192), (3, 384)):
+        out[f"genlora-centred-g{g}r{r}"] = ("genlora", {"group_size": g, "r": r, "alpha": float(r), "basis": "centred"})
     for g, r in ((1, 16), (2, 16), (4, 32), (8, 32)):
         out[f"genlora-{genlora_basis}-g{g}r{r}"] = ("genlora", {"group_size": g, "r": r, "alpha": float(r),
                                                              "basis": genlora_basis})
@@ -155,10 +165,12 @@ def summarise(out: Path) -> None:
                      f"{statistics.mean(test):.2f} +- {sd:.2f} | {statistics.mean(val):.2f} | "
                      f"{statistics.mean(mean_effective_rank(r) for r in runs):.1f} | {len(runs)} | "
                      f"{', '.join(str(r.get('best_epoch', '?')) for r in runs)} |")
-        line = shape_line(name)
-        variant = next((tag for tag in VARIANT_TAGS if tag in name), None)  # off the method's own line
-        label = line or (name if variant else runs[0]["method"])
-        series.setdefault(label, []).append((params, statistics.mean(test), sd))
+        labels = [label for label, members in SHAPE_LINES.items() if name in members]
+        variant = any(tag in name for tag in VARIANT_TAGS)  # off the method's own line
+        if not variant:
+            labels.append(runs[0]["method"])
+        for label in labels or [name]:
+            series.setdefault(label, []).append((params, statistics.mean(test), sd))
     (out / "frontier.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     try:
@@ -173,7 +185,7 @@ def summarise(out: Path) -> None:
     # One colour per method, its budget line solid; a variant point takes its method's colour and a marker of its own
     colours = {"lora": "tab:blue", "lsr": "tab:orange", "condlora": "tab:green", "genlora": "tab:red"}
     variant_markers = iter(["x", "^", "s", "D", "v", "P", "*", "<", ">", "h", "d", "p", "X", "8"] * 4)
-    shapes = set(SHAPE_LINES.values())
+    shapes = set(SHAPE_LINES)
     for label, pts in sorted(series.items(), key=lambda kv: (any(t in kv[0] for t in VARIANT_TAGS), kv[0])):
         pts.sort()
         single = label not in shapes and any(tag in label for tag in VARIANT_TAGS)  # a marker of its own, no line
@@ -191,12 +203,6 @@ def summarise(out: Path) -> None:
     fig.tight_layout()
     fig.savefig(out / "frontier.png", dpi=120)
     print(f"wrote {out / 'frontier.md'} and {out / 'frontier.png'}")
-
-
-def shape_line(name: str) -> str | None:
-    """The shape line a point belongs to (``SHAPE_LINES``), if its name is a prefix there plus a number."""
-    return next((label for prefix, label in SHAPE_LINES.items()
-                 if name.startswith(prefix) and name[len(prefix):].isdigit()), None)
 
 
 def mean_effective_rank(run: dict) -> float:
