@@ -16,8 +16,8 @@ side (accuracy does not depend on timing). Budgets are matched to LoRA r = 1, 2,
   g = 1 at r = 64 and 128; the default with a wider kernel, gamma 3; the budget spent on rank: g = 2 at r = 64
   and 192, g = 3 at r = 384, plotted as a line of its own);
 * LSR-Adapt's paper recipe (``lsr-paper``: init "paper", alpha 16384, lr 5e-4; ``lsr-paper-lr1e-3``: lr 1e-3);
-* learning-rate checks (``-lr`` points): each default at its lr / 3 and x 3, and each structured point at LoRA
-  r = 8's budget at its method's lr / 3.
+* learning-rate checks (``-lr`` points): each default at its lr / 3 and x 3 (LSR-Adapt's rank-8 default at 3e-3
+  and 5e-3), and each structured point at LoRA r = 8's budget at its method's lr / 3.
 
 Reports land in ``--out/<point>-seed<s>/report.json`` (a finished point is skipped when the script is re-run);
 ``--summarise`` writes ``--out/frontier.md`` (mean +- std of test and of validation accuracy per point, and the
