@@ -7,7 +7,8 @@ side (accuracy does not depend on timing). Budgets are matched to LoRA r = 1, 2,
 
 * LSR-Adapt at the paper's r1 = r2 = 2: 160 S per layer, so S = 5, 10, 19, 38 (plus the paper's S = 16); at that
   budget also rank 8 (r1 = 2, r2 = 4, S = 11: lsrfx's default) and rank 16 (r1 = r2 = 4, S = 8); rank 8 at
-  every budget too (224 S per layer: S = 3, 7, 14, 27), plotted as a line of its own;
+  every budget too (224 S per layer: S = 3, 7, 14, 27), plotted as a line of its own, and rank 16 at LoRA r = 8's
+  (320 S per layer: S = 19);
 * CondLoRA: 768 r per group of 6 layers (one pair shared by the 6 query and by the 6 value layers), so r = 6, 12,
   24, 48 equal LoRA r = 1, 2, 4, 8 exactly (plus the default r = 8);
 * GenLoRA: g (768) + 2 r (g + 2) per layer (basis rbf or centred; ``--genlora-basis``), so (g, r) = (1, 16),
@@ -72,6 +73,7 @@ def points(genlora_basis: str) -> dict[str, tuple[str, dict]]:
     # LSR-Adapt's rank r1 r2 at its default budget (S (r1 (24 + 24) + r2 (16 + 16)) per layer: 2,560 at the default)
     out["lsr-r2x4-s11"] = ("lsr", {"r1": 2, "r2": 4, "separation_rank": 11})  # rank 8, 2,464 per layer
     out["lsr-r4x4-s8"] = ("lsr", {"r1": 4, "r2": 4, "separation_rank": 8})  # rank 16, 2,560 per layer
+    out["lsr-r4x4-s19"] = ("lsr", {"r1": 4, "r2": 4, "separation_rank": 19})  # rank 16 at LoRA r = 8's budget
     out["lsr-r2x4-s27"] = ("lsr", {"r1": 2, "r2": 4, "separation_rank": 27})  # rank 8, LoRA r=8's budget
     for s in (3, 7, 14):  # rank 8 at LoRA r = 1, 2, 4's budgets (2,688 S in all): the default's shape as a line
         out[f"lsr-r2x4-s{s}"] = ("lsr", {"r1": 2, "r2": 4, "separation_rank": s})
