@@ -8,7 +8,7 @@ side (accuracy does not depend on timing). Budgets are matched to LoRA r = 1, 2,
 * LSR-Adapt at the paper's r1 = r2 = 2: 160 S per layer, so S = 5, 10, 19, 38 (plus the paper's S = 16); at that
   budget also rank 8 (r1 = 2, r2 = 4, S = 11: lsrfx's default) and rank 16 (r1 = r2 = 4, S = 8); rank 8 at
   every budget too (224 S per layer: S = 3, 7, 14, 27), plotted as a line of its own, and rank 16 at LoRA r = 8's
-  (320 S per layer: S = 19);
+  (320 S per layer: S = 19) and rank 32 (r1 = 8, r2 = 4: 512 S, S = 12);
 * CondLoRA: 768 r per group of 6 layers (one pair shared by the 6 query and by the 6 value layers), so r = 6, 12,
   24, 48 equal LoRA r = 1, 2, 4, 8 exactly (plus the default r = 8);
 * GenLoRA: g (768) + 2 r (g + 2) per layer (basis rbf or centred; ``--genlora-basis``), so (g, r) = (1, 16),
@@ -44,7 +44,7 @@ from pathlib import Path
 
 OUT = Path(__file__).with_name("results") / "frontier"
 # Points that are variants of a method (another basis, base or recipe), plotted on their own, not on its line.
-VARIANT_TAGS = ("rbf", "mixed", "int8", "paper", "-lr", "r2x4", "r4x4", "gamma", "g1r64", "g1r128", "g2r64", "g2r192",
+VARIANT_TAGS = ("rbf", "mixed", "int8", "paper", "-lr", "r2x4", "r4x4", "r8x4", "gamma", "g1r64", "g1r128", "g2r64", "g2r192",
                 "g3r384")
 # Lines of their own: a method's other shape swept over the budgets (a point may also be on its method's line).
 SHAPE_LINES = {
@@ -74,6 +74,7 @@ def points(genlora_basis: str) -> dict[str, tuple[str, dict]]:
     out["lsr-r2x4-s11"] = ("lsr", {"r1": 2, "r2": 4, "separation_rank": 11})  # rank 8, 2,464 per layer
     out["lsr-r4x4-s8"] = ("lsr", {"r1": 4, "r2": 4, "separation_rank": 8})  # rank 16, 2,560 per layer
     out["lsr-r4x4-s19"] = ("lsr", {"r1": 4, "r2": 4, "separation_rank": 19})  # rank 16 at LoRA r = 8's budget
+    out["lsr-r8x4-s12"] = ("lsr", {"r1": 8, "r2": 4, "separation_rank": 12})  # rank 32 at LoRA r = 8's, exactly
     out["lsr-r2x4-s27"] = ("lsr", {"r1": 2, "r2": 4, "separation_rank": 27})  # rank 8, LoRA r=8's budget
     for s in (3, 7, 14):  # rank 8 at LoRA r = 1, 2, 4's budgets (2,688 S in all): the default's shape as a line
         out[f"lsr-r2x4-s{s}"] = ("lsr", {"r1": 2, "r2": 4, "separation_rank": s})
