@@ -44,8 +44,8 @@ from pathlib import Path
 
 OUT = Path(__file__).with_name("results") / "frontier"
 # Points that are variants of a method (another basis, base or recipe), plotted on their own, not on its line.
-VARIANT_TAGS = ("rbf", "mixed", "int8", "paper", "-lr", "r2x4", "r4x4", "r8x4", "gamma", "g1r64", "g1r128", "g2r64", "g2r192",
-                "g3r384")
+VARIANT_TAGS = ("rbf", "mixed", "int8", "paper", "-lr", "r2x4", "r4x4", "r8x4", "gamma", "g1r64", "g1r128", "g2r64",
+                "g2r192", "g3r384")
 # Lines of their own: a method's other shape swept over the budgets (a point may also be on its method's line).
 SHAPE_LINES = {
     "lsr rank 8 (r1 = 2, r2 = 4)": ("lsr-r2x4-s3", "lsr-r2x4-s7", "lsr-r2x4-s11", "lsr-r2x4-s14", "lsr-r2x4-s27"),
