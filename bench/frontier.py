@@ -79,8 +79,10 @@ def points(genlora_basis: str) -> dict[str, tuple[str, dict]]:
     for s in (3, 7, 14):  # rank 8 at LoRA r = 1, 2, 4's budgets (2,688 S in all): the default's shape as a line
         out[f"lsr-r2x4-s{s}"] = ("lsr", {"r1": 2, "r2": 4, "separation_rank": s})
     # LSR-Adapt's paper recipe: N(0, 0.01^2) factors, scale 4096 (alpha 16384 at r1 = r2 = 2), lr 5e-4
-    out["lsr-paper"] = ("lsr", {**paper_rank, "init": "paper", "alpha": 16384.0, "lr": 5e-4})
-    out["lsr-paper-lr1e-3"] = ("lsr", {**paper_rank, "init": "paper", "alpha": 16384.0, "lr": 1e-3})
+    # (S = 16 written out: it was lsrfx's default when these ran, and the default has since moved to rank 8, S = 11)
+    paper = {**paper_rank, "separation_rank": 16, "init": "paper", "alpha": 16384.0}
+    out["lsr-paper"] = ("lsr", {**paper, "lr": 5e-4})
+    out["lsr-paper-lr1e-3"] = ("lsr", {**paper, "lr": 1e-3})
     out["lsr-s16-int8"] = ("lsr", {**paper_rank, "separation_rank": 16, "quantize": "int8"})  # over torchao int8
     for r in (6, 8, 12, 24, 48):
         out[f"condlora-r{r}"] = ("condlora", {"r": r, "alpha": float(r)})
