@@ -86,7 +86,7 @@ def explain(model: nn.Module, *example_inputs: Any, graphs: bool = False, **kwar
     captured graphs before and after the pass, adapted nodes marked. Raises :class:`LsrfxError` when the model's
     forward fails on the inputs."""
     from lsrfx.passes.cost_model import MEASURED_RULE, policy
-    from lsrfx.passes.fuse import fuse_adapted_linears
+    from lsrfx.passes.fuse import count_actions, fuse_adapted_linears
     from lsrfx.quantized_base import quantized_layers
     from lsrfx.utils import unwrap
 
@@ -98,12 +98,11 @@ def explain(model: nn.Module, *example_inputs: Any, graphs: bool = False, **kwar
     for i, gm in enumerate(captured):
         original = copy.deepcopy(gm.graph) if graphs else None
         decisions = fuse_adapted_linears(gm.graph, record=False)
-        n_fused = sum(d.action == "fused" for d in decisions)
-        n_merged = sum(d.action == "merged" for d in decisions)
-        total_fused += n_fused
-        total_merged += n_merged
+        n = count_actions(decisions)
+        total_fused += n["fused"]
+        total_merged += n["merged"]
         total_adapted += len(decisions)
-        out.append(f"\n=== graph {i}: {len(decisions)} adapted node(s), {n_fused} fused, {n_merged} merged ===")
+        out.append(f"\n=== graph {i}: {len(decisions)} adapted node(s), {n['fused']} fused, {n['merged']} merged ===")
         out += [f"  {d}" for d in decisions] or ["  (no adapted layers: graph left unchanged)"]
         if graphs:
             out.append(f"--- captured graph (before) ---\n{_marked(original, _before_marks(original, decisions))}")

@@ -170,13 +170,14 @@ def decide(shape: Shape | None) -> tuple[str, str]:
     times += f" vs materialised ~{c.materialised * 1e6:.0f} us"
     if c.factors:
         times += f", each incl. factors ~{c.factors * 1e6:.0f} us"
-    best = min(c.fused, c.materialised, c.merged if c.merged is not None else c.fused)
-    if c.fused <= best:
+    candidates = {"fused": c.fused, "merged": c.merged, "materialised": c.materialised}
+    action = min((name for name, t in candidates.items() if t is not None), key=candidates.__getitem__)  # ties: fused
+    if action == "fused":
         why = "skips the dense weight gradient" if shape.training else "rank-r products cheaper than forming dW"
         if c.merged is not None:
             why += " and forming W0 + dW"
-        return "fused", f"{dims}: {times}; {why}"
-    if c.merged is not None and c.merged <= best:
-        return "merged", f"{dims}: {times}; one matmul through W0 + dW, factor gradients from rank-r products"
-    why = "the dense weight gradient is cheaper here" if shape.training else "forming dW once is cheaper"
-    return "materialised", f"{dims}: {times}; {why}"
+    elif action == "merged":
+        why = "one matmul through W0 + dW, factor gradients from rank-r products"
+    else:
+        why = "the dense weight gradient is cheaper here" if shape.training else "forming dW once is cheaper"
+    return action, f"{dims}: {times}; {why}"

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import operator
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -223,6 +224,10 @@ def _record(decisions: list[Decision]) -> None:
     for d in decisions:
         counters["lsrfx"][d.action] += 1
         log.info("lsrfx: %s", d)
-    n_fused = sum(d.action == "fused" for d in decisions)
-    n_merged = sum(d.action == "merged" for d in decisions)
-    log.info("lsrfx: %d of %d adapted nodes fused in this graph, %d merged", n_fused, len(decisions), n_merged)
+    n = count_actions(decisions)
+    log.info("lsrfx: %d of %d adapted nodes fused in this graph, %d merged", n["fused"], len(decisions), n["merged"])
+
+
+def count_actions(decisions: list[Decision]) -> Counter[str]:
+    """How many decisions took each action (``fused``, ``merged``, ...; a missing action counts 0)."""
+    return Counter(d.action for d in decisions)

@@ -3,8 +3,8 @@
 ``LSRFX_LOG=1`` (or ``info``) logs, for every graph Inductor compiles, each adapted node's decision (fused,
 merged or materialised, and why) and the numbers fused and merged; ``LSRFX_LOG=debug`` (or ``2``) adds the
 captured graph before and after the pass. Messages go to the ``lsrfx.compile`` logger (stderr), which can also be
-configured with ``logging`` directly. The variable is read when the pass is installed (``lsrfx.passes.install()``, called by
-``lsrfx.adapt``), never on import.
+configured with ``logging`` directly. The variable is read when the pass is installed (``lsrfx.passes.install()``,
+called by ``lsrfx.adapt``), never on import.
 """
 
 from __future__ import annotations
