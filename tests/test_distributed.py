@@ -9,6 +9,7 @@ of the gradient sums). Communication is measured, not assumed: a DDP comm hook r
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import socket
 import sys
@@ -128,6 +129,15 @@ def run_case(engine: str, method: str, rank: int, out: Path) -> None:
 
 
 def worker(rank: int, port: int, out: str) -> None:
+    """Run every case on this rank, then leave without interpreter finalization.
+
+    A spawned child ends through ``sys.exit``, whose finalization runs C++ static destructors; about one run in 45
+    (on a loaded machine) gloo's threads are torn down there in the wrong order and the rank dies with SIGABRT
+    ("terminate called without an active exception", no Python frame) after all its work and
+    ``destroy_process_group`` are done. ``os._exit`` after a clean teardown skips that; an error still propagates
+    (the spawn wrapper reports it to the parent) because we only exit early on success.
+    """
+    faulthandler.enable()  # any other native crash prints the Python stack to the captured stderr
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
@@ -137,6 +147,9 @@ def worker(rank: int, port: int, out: str) -> None:
             dist.barrier()
     finally:
         dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def free_port() -> int:
