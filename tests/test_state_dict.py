@@ -214,7 +214,7 @@ def test_meta_model_loads_a_base_state_dict_with_assign(method: str) -> None:
 # --- FSDP2 (one process, world size 1): sharded weights and CondLoRA's pair ------------------------------------------
 
 FSDP2_CHILD = """
-import sys, torch, torch.distributed as dist
+import os, sys, torch, torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 import lsrfx
@@ -239,6 +239,10 @@ try:
 except lsrfx.LsrfxError as exc:
     print("per-block:", exc)
 dist.destroy_process_group()
+# Skip interpreter finalization, where gloo's threads can be torn down in the wrong order (SIGABRT after the work
+# is done; see test_distributed.worker).
+sys.stdout.flush()
+os._exit(0)
 """
 
 
