@@ -23,8 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from lsrfx.errors import LsrfxError
 from lsrfx.explain import explain
-
-__version__ = "0.1.0"
+from lsrfx.version import __version__
 
 # Public name -> the module that defines it, imported on first access.
 _LAZY: dict[str, str] = {
@@ -60,6 +59,7 @@ __all__ = [
     "merge_and_export",
     "save_adapters",
     "summary",
+    "__version__",
 ]
 
 if TYPE_CHECKING:  # static analysers and IDEs see the real objects

@@ -1,46 +1,40 @@
 """Small helpers several layers share: one definition each (unwrapping a compiled model, an error's first line,
-atomic file writes, quieting a logger for the length of a block)."""
+quieting a logger for the length of a block). Atomic writes live in :mod:`lsrfx.atomic_files`."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import os
-import tempfile
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Iterator
 
 from torch import nn
 
+# Wrappers whose ``.module`` is the user's model: ``nn.DataParallel`` and ``DistributedDataParallel``.
+PARALLEL_WRAPPERS = ("DataParallel", "DistributedDataParallel")
+
+
+def is_parallel_wrapper(model: nn.Module) -> bool:
+    """Whether ``model`` is ``nn.DataParallel`` or ``DistributedDataParallel`` (or a subclass)."""
+    return any(cls.__name__ in PARALLEL_WRAPPERS and cls.__module__.startswith("torch.nn.parallel")
+               for cls in type(model).__mro__)
+
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The ``nn.Module`` behind a ``torch.compile``d ``OptimizedModule`` (or the module itself)."""
-    return getattr(model, "_orig_mod", model)
+    """The user's ``nn.Module`` behind ``torch.compile``'s ``OptimizedModule`` and ``DataParallel`` /
+    ``DistributedDataParallel`` wrappers (or the module itself), so that names never carry a ``module.`` prefix."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif is_parallel_wrapper(model):
+            model = model.module
+        else:
+            return model
 
 
 def first_line(exc: BaseException, limit: int = 300) -> str:
     """The first non-empty line of an exception's message (its type name if empty), cut to ``limit`` characters."""
     text = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
     return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def atomic_write(target: str | os.PathLike, write: Callable[[str], object]) -> None:
-    """Call ``write(tmp_path)`` on a temporary file beside ``target``, then rename it into place: readers never see
-    a half-written file, and a failed write leaves ``target`` as it was."""
-    target = Path(target)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def write_bytes_atomic(target: str | os.PathLike, data: bytes) -> None:
-    """:func:`atomic_write` of ``data``."""
-    atomic_write(target, lambda tmp: Path(tmp).write_bytes(data))
 
 
 @contextlib.contextmanager

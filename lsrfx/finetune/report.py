@@ -8,7 +8,7 @@ import json
 import statistics
 from pathlib import Path
 
-from lsrfx.utils import write_bytes_atomic
+from lsrfx.atomic_files import write_bytes_atomic
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
