@@ -237,7 +237,7 @@ def sweep(method: str, data: st.DataObject) -> None:
     before = {n: (p.detach().clone(), p.requires_grad) for n, p in model.named_parameters()}
     ok = feasible(method, opts, d_out, d_in)
     if not ok:
-        with pytest.raises(LsrfxError, match=r"blocks\.0\.proj|must all be >= 1"):
+        with pytest.raises(LsrfxError, match=r"blocks\.0\.proj|must be >= 1"):
             lsrfx.adapt(model, method=method, targets=["proj"], **opts)
         assert not any(parametrize.is_parametrized(m) for m in model.modules()), "failed adapt changed the model"
         after = dict(model.named_parameters())

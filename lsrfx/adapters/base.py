@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import math
+import types
+import typing
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
@@ -78,19 +81,84 @@ class Adapter(nn.Module, abc.ABC):
         return f"d_out={self.d_out}, d_in={self.d_in}, rank={self.rank}, scale={self.scale:g}"
 
 
-def option_field(default: Any, help_text: str) -> Any:
-    """A config field with its one-line help text (``metadata["help"]``), which the CLI shows for the field's flag."""
-    return dataclasses.field(default=default, metadata={"help": help_text})
+def option_field(default: Any, help_text: str, *, minimum: float | None = None, above: float | None = None,
+                 maximum: float | None = None) -> Any:
+    """A config field with its one-line help text (``metadata["help"]``), which the CLI shows for the field's flag,
+    and the range its numbers must lie in: ``>= minimum``, ``> above``, ``<= maximum`` (checked with the field's
+    type by :meth:`AdapterConfig.__post_init__`)."""
+    bounds = {"min": minimum, "above": above, "max": maximum}
+    return dataclasses.field(default=default, metadata={"help": help_text, **bounds})
+
+
+# The largest ``alpha`` lsrfx accepts: far above any published recipe (the LSR-Adapt authors' scale 4096 at rank 4
+# is alpha 16384), far below where ``alpha / r * B @ A`` overflows float32 for factors of ordinary size.
+MAX_ALPHA = 1e6
 
 
 def rank_field(default: int) -> Any:
     """The ``r`` option of methods whose update rank is one number."""
-    return option_field(default, "rank of the update")
+    return option_field(default, "rank of the update", minimum=1)
 
 
 def alpha_field(default: float) -> Any:
     """The ``alpha`` option every method has: the update is scaled by ``alpha / rank``."""
-    return option_field(default, "scale numerator: the update is scaled by alpha / rank")
+    return option_field(default, "scale numerator: the update is scaled by alpha / rank", above=0,
+                        maximum=MAX_ALPHA)
+
+
+def _type_name(hint: Any) -> str:
+    return getattr(hint, "__name__", None) or repr(hint).replace("typing.", "")
+
+
+def check_option(method: str, name: str, value: Any, hint: Any, bounds: dict) -> Any:
+    """``value`` checked against the field's type ``hint`` and range, as the field will hold it (a JSON list as a
+    tuple, an integral float never silently truncated); raises :class:`LsrfxError` naming the option."""
+    given = value
+
+    def fail(why: str) -> LsrfxError:
+        return LsrfxError(f"{method}: option {name}={given!r} {why}.")
+
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        if len(inner) != 1:
+            raise TypeError(f"option {name}: unsupported type {hint!r}")
+        hint, origin, args = inner[0], typing.get_origin(inner[0]), typing.get_args(inner[0])
+    if origin is Literal:
+        if value not in args or type(value) is not type(args[0]):
+            raise fail(f"is not one of {', '.join(map(repr, args))}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise fail(f"must be {len(args)} values ({_type_name(hint)})")
+        return tuple(check_option(method, f"{name}[{i}]", v, a, bounds)
+                     for i, (v, a) in enumerate(zip(value, args, strict=True)))
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise fail("must be an integer")
+    elif hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise fail("must be a number")
+        if not math.isfinite(value):
+            raise fail("must be finite")
+        value = float(value)
+    elif hint is str:
+        if not isinstance(value, str):
+            raise fail("must be a string")
+        return value
+    elif hint is bool:
+        if not isinstance(value, bool):
+            raise fail("must be true or false")
+        return value
+    if bounds.get("min") is not None and not value >= bounds["min"]:
+        raise fail(f"must be >= {bounds['min']:g}")
+    if bounds.get("above") is not None and not value > bounds["above"]:
+        raise fail(f"must be > {bounds['above']:g}")
+    if bounds.get("max") is not None and not value <= bounds["max"]:
+        raise fail(f"must be <= {bounds['max']:g}")
+    return value
 
 
 @dataclass
@@ -99,6 +167,14 @@ class AdapterConfig(abc.ABC):
     is declared with :func:`option_field`, so its help text lives next to it (the CLI makes a flag of each field)."""
 
     method: ClassVar[str]
+
+    def __post_init__(self) -> None:
+        """Check every field's type and range (the Python API, CLI flags and adapter files all pass through here),
+        so a bad value is an :class:`LsrfxError` naming the option, never a raw ``TypeError`` later."""
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            checked = check_option(self.method, f.name, getattr(self, f.name), hints[f.name], dict(f.metadata))
+            object.__setattr__(self, f.name, checked)
 
     def options(self) -> dict:
         return dataclasses.asdict(self)
@@ -114,6 +190,30 @@ class AdapterConfig(abc.ABC):
     @abc.abstractmethod
     def build_one(self, spec: LayerSpec) -> Adapter:
         """The adapter for one layer (after :meth:`check` passed)."""
+
+    @abc.abstractmethod
+    def parameter_count(self, spec: LayerSpec) -> int:
+        """Trainable parameters the adapter of this layer creates (a shared group's count for each of its layers):
+        known before anything is allocated, so absurd options are refused by :func:`check_size`."""
+
+
+# An adapter may hold at most this many times the parameters of the weight it adapts (plus a small allowance for
+# tiny layers): every sensible configuration is far below it, and options such as separation_rank=10**9 are refused
+# before they try to allocate tens of gigabytes.
+MAX_ADAPTER_TO_WEIGHT = 4
+SMALL_LAYER_ALLOWANCE = 4096
+
+
+def check_size(config: AdapterConfig, spec: LayerSpec) -> None:
+    """Refuse an adapter larger than :data:`MAX_ADAPTER_TO_WEIGHT` times its layer's weight, before allocating it."""
+    n = config.parameter_count(spec)
+    limit = MAX_ADAPTER_TO_WEIGHT * spec.d_out * spec.d_in + SMALL_LAYER_ALLOWANCE
+    if n > limit:
+        raise LsrfxError(
+            f"{config.method}: the options {config.options()} would give layer '{spec.name}' (weight "
+            f"{spec.shape_text}) an adapter of {n:,} parameters, more than {MAX_ADAPTER_TO_WEIGHT} times the "
+            f"weight itself ({spec.d_out * spec.d_in:,}); nothing was allocated. Lower the rank-like options."
+        )
 
 
 def check_rank(spec: LayerSpec, r: int, method: str) -> None:
@@ -136,3 +236,6 @@ class RankConfig(AdapterConfig):
 
     def check(self, spec: LayerSpec) -> None:
         check_rank(spec, self.r, self.method)
+
+    def parameter_count(self, spec: LayerSpec) -> int:
+        return self.r * (spec.d_in + spec.d_out)

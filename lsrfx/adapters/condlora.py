@@ -44,6 +44,10 @@ class CondLoRAConfig(RankConfig):
     def build_one(self, spec: LayerSpec) -> Adapter:
         return self.build([spec])[0]
 
+    def parameter_count(self, spec: LayerSpec) -> int:
+        """The group's shared pair: ``C_A`` (``r x d_in``, or ``r x d_out`` when non-square) and ``C_B``."""
+        return self.r * (spec.d_in + (spec.d_in if spec.d_in == spec.d_out else spec.d_out))
+
 
 def group_name(layer_name: str) -> str:
     """The name that groups layers sharing one conversion pair: the module's last path component."""

@@ -78,29 +78,25 @@ class GenLoRAConfig(AdapterConfig):
     # An adapter file written before ``basis`` existed holds the rbf form: load it as that, not as today's default.
     OPTIONS_BEFORE_THEY_EXISTED: ClassVar[dict] = {"basis": "rbf"}
     r: int = rank_field(32)
-    group_size: int = option_field(2, "dimension g of the latent vector of each row of A and of B")
+    group_size: int = option_field(2, "dimension g of the latent vector of each row of A and of B", minimum=1)
     alpha: float = alpha_field(32.0)
     basis: Literal["rbf", "centred", "mixed"] = option_field(
         "centred", "genlora factor basis: centred (mean-free RBF rows), rbf (positive RBF rows: the form before "
         "bases existed, same parameters) or mixed (a trainable signed r x m matrix mixing m RBF features)")
     features: int | None = option_field(
-        None, "number m of RBF features mixed by basis=mixed (default: r)")
+        None, "number m of RBF features mixed by basis=mixed (default: r)", minimum=1)
     gamma_init: str = option_field(
         "auto", "initial RBF width gamma: a positive number, median (1 / median latent-centre squared distance), "
         "nearest (1 / median squared distance to the nearest centre) or auto (1 for basis rbf, else nearest)")
 
     def __post_init__(self) -> None:
-        if self.group_size < 1:
-            raise LsrfxError(f"genlora: group_size={self.group_size} must be >= 1 (typical: 1 to 4).")
         if self.basis not in BASES:
             raise LsrfxError(f"genlora: basis={self.basis!r} is unknown; use one of {', '.join(map(repr, BASES))}.")
-        if self.features is not None:
-            if self.basis != "mixed":
-                raise LsrfxError(f"genlora: features={self.features} applies to basis='mixed' only "
-                                 f"(basis={self.basis!r} has one RBF per rank); drop it or set basis='mixed'.")
-            if isinstance(self.features, bool) or not isinstance(self.features, int) or self.features < 1:
-                raise LsrfxError(f"genlora: features={self.features!r} must be an integer >= 1 (default: r).")
         self.gamma_init = normalise_gamma_init(self.gamma_init)
+        super().__post_init__()
+        if self.features is not None and self.basis != "mixed":
+            raise LsrfxError(f"genlora: features={self.features} applies to basis='mixed' only "
+                             f"(basis={self.basis!r} has one RBF per rank); drop it or set basis='mixed'.")
 
     @property
     def n_features(self) -> int:
@@ -121,6 +117,9 @@ class GenLoRAConfig(AdapterConfig):
 
     def build_one(self, spec: LayerSpec) -> Adapter:
         return GenLoRAAdapter(spec, self)
+
+    def parameter_count(self, spec: LayerSpec) -> int:
+        return genlora_parameter_count(spec.d_out, spec.d_in, self)
 
 
 def normalise_gamma_init(value: object) -> str:

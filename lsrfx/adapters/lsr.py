@@ -40,12 +40,14 @@ class LSRConfig(AdapterConfig):
     its parameters (README, "Quality per parameter"). ``LSRConfig(r2=2, separation_rank=16)`` is the paper's."""
 
     method = "lsr"
-    r1: int = option_field(2, "rank of the first Kronecker factor (the update's rank is r1 * r2)")
-    r2: int = option_field(4, "rank of the second Kronecker factor")
-    separation_rank: int = option_field(11, "number S of Kronecker products summed in each factor")
+    r1: int = option_field(2, "rank of the first Kronecker factor (the update's rank is r1 * r2)", minimum=1)
+    r2: int = option_field(4, "rank of the second Kronecker factor", minimum=1)
+    separation_rank: int = option_field(11, "number S of Kronecker products summed in each factor", minimum=1)
     alpha: float = alpha_field(4.0)
-    in_factors: tuple[int, int] | None = option_field(None, "split of d_in into a1 x a2 (default: most balanced)")
-    out_factors: tuple[int, int] | None = option_field(None, "split of d_out into b1 x b2 (default: most balanced)")
+    in_factors: tuple[int, int] | None = option_field(None, "split of d_in into a1 x a2 (default: most balanced)",
+                                                      minimum=1)
+    out_factors: tuple[int, int] | None = option_field(None, "split of d_out into b1 x b2 (default: most balanced)",
+                                                       minimum=1)
     init: Literal["zero", "paper"] = option_field(
         "zero", "initialisation: zero (dW = 0 at start) or paper (factors from N(0, 0.01^2), as the authors' code)")
 
@@ -56,14 +58,7 @@ class LSRConfig(AdapterConfig):
     def __post_init__(self) -> None:
         if self.init not in ("zero", "paper"):
             raise LsrfxError(f"lsr: init={self.init!r} is unknown; use 'zero' (dW = 0 at start) or 'paper'.")
-        if self.separation_rank < 1 or self.r1 < 1 or self.r2 < 1:
-            raise LsrfxError(
-                f"lsr: r1={self.r1}, r2={self.r2}, separation_rank={self.separation_rank} must all be >= 1."
-            )
-        for name in ("in_factors", "out_factors"):
-            value = getattr(self, name)
-            if value is not None:
-                setattr(self, name, tuple(int(v) for v in value))
+        super().__post_init__()
 
     def splits(self, spec: LayerSpec) -> tuple[tuple[int, int], tuple[int, int]]:
         """``(a1, a2)`` splitting ``d_in`` and ``(b1, b2)`` splitting ``d_out``, checked."""
@@ -100,6 +95,9 @@ class LSRConfig(AdapterConfig):
 
     def build_one(self, spec: LayerSpec) -> Adapter:
         return LSRAdapter(spec, self)
+
+    def parameter_count(self, spec: LayerSpec) -> int:
+        return lsr_parameter_count(self, spec)
 
 
 def lsr_parameter_count(config: LSRConfig, spec: LayerSpec) -> int:
