@@ -12,10 +12,18 @@ from torch.nn.utils import parametrize
 
 from lsrfx import passes, quantized_base, state_dict_hooks
 from lsrfx.adapters import AdapterConfig, LayerSpec, make_config
+from lsrfx.adapters.base import check_size
 from lsrfx.errors import LsrfxError
-from lsrfx.parametrization import AdaptedWeight, adapted_layers, adapter_parameters, give_private_class
+from lsrfx.parametrization import (
+    AdaptedWeight,
+    adapted_layers,
+    adapter_parameters,
+    base_weight,
+    give_private_class,
+    refuse_script,
+)
 from lsrfx.targets import Targets, match_parameter_names, select_targets, weight_is_transposed
-from lsrfx.utils import unwrap
+from lsrfx.utils import is_parallel_wrapper, unwrap
 
 log = logging.getLogger("lsrfx")
 
@@ -35,6 +43,9 @@ class AdaptState:
     trainable: list[str]
     targets: Any
     frozen: list[str] = field(default_factory=list)  # parameters adapt froze; merge unfreezes them
+    # The base values of the ``trainable`` parameters when ``adapt`` ran (CPU copies): what a hot-swap restores
+    # when the new adapter set does not carry a parameter the previous one trained.
+    base_values: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
 
 def adapt_state(model: nn.Module) -> AdaptState | None:
@@ -79,6 +90,7 @@ def adapt(
     """
     from lsrfx.export.recorded_inputs import start_recording  # on use: lsrfx.export imports this module
 
+    _refuse_wrappers(model)
     root = unwrap(model)
     if adapt_state(root) is not None or any(True for _ in adapted_layers(root)):
         raise LsrfxError(
@@ -97,9 +109,12 @@ def adapt(
     specs = [layer_spec(n, modules[n]) for n in names]
     for spec in specs:
         config.check(spec)
+        check_size(config, spec)
+        _check_not_sharded(spec, modules[spec.name].weight)
         quantized_base.check_quantized_base(spec, modules[spec.name].weight)
         _check_finite(spec, quantized_base.dense(modules[spec.name].weight))
     trainable_names = match_parameter_names(root, trainable)
+    _check_trainable_not_adapted(names, trainable_names)
     adapters = config.build(specs)
 
     # Validation is over: from here on the model changes.
@@ -111,10 +126,14 @@ def adapt(
         module = modules[spec.name]
         quantized = quantized_base.is_quantized(module.weight)
         parametrize.register_parametrization(module, "weight", AdaptedWeight(adapter, spec.transposed, quantized))
+        type(module).__prepare_scriptable__ = refuse_script  # the class parametrize generated for this module
         if quantized:
             quantized_base.install_quantized_forward(module)
         state_dict_hooks.install_hooks(module)
-    state = AdaptState(config, names, trainable_names, targets, frozen)
+    with torch.no_grad():
+        base_values = {n: params[n].detach().to("cpu", copy=True) for n in trainable_names
+                       if not params[n].is_meta}
+    state = AdaptState(config, names, trainable_names, targets, frozen, base_values)
     object.__setattr__(root, STATE_ATTR, state)
     start_recording(model)
     passes.install()
@@ -122,6 +141,54 @@ def adapt(
     log.info("lsrfx: adapted %d layers with %s (%s trainable adapter parameters): %s",
              len(names), config.method, f"{n_adapter:,}", ", ".join(names))
     return model
+
+
+def _refuse_wrappers(model: nn.Module) -> None:
+    """Refuse a model already wrapped for data-parallel training: ``DistributedDataParallel`` and FSDP register the
+    parameters they synchronise when they are built, so adapters added afterwards would silently train apart on
+    each rank. (``nn.DataParallel`` replicates at every call, so adapting the model inside it is fine.)"""
+    for module in unwrap(model).modules():
+        if type(module).__name__ in ("DistributedDataParallel", "FullyShardedDataParallel"):
+            raise LsrfxError(_WRAPPED_TOO_EARLY.format(type(module).__name__))
+    current = model
+    while True:
+        if type(current).__name__ in ("DistributedDataParallel", "FullyShardedDataParallel"):
+            raise LsrfxError(_WRAPPED_TOO_EARLY.format(type(current).__name__))
+        inner = getattr(current, "_orig_mod", None) or (current.module if is_parallel_wrapper(current) else None)
+        if inner is None:
+            return
+        current = inner
+
+
+_WRAPPED_TOO_EARLY = (
+    "the model is already wrapped in {0}, which fixed the set of parameters it synchronises across ranks when it "
+    "was built: adapter parameters added now would not be synchronised. Call lsrfx.adapt on the plain model first, "
+    "then wrap it: model = {0}(lsrfx.adapt(model, ...))."
+)
+
+
+def _check_not_sharded(spec: LayerSpec, weight: torch.Tensor) -> None:
+    """Refuse a weight that FSDP2's ``fully_shard`` already sharded (a DTensor): adapters must exist before
+    sharding, so that FSDP2 shards them with their layer."""
+    if hasattr(weight, "device_mesh"):
+        raise LsrfxError(
+            f"layer '{spec.name}' (weight {spec.shape_text}) is already sharded by fully_shard (a DTensor); call "
+            "lsrfx.adapt before fully_shard, so that FSDP2 shards the adapters with their layers."
+        )
+
+
+def _check_trainable_not_adapted(layers: list[str], trainable: list[str]) -> None:
+    """Refuse a layer that is both a target and trainable in full: its weight would be trained as ``W0`` under the
+    adapter, never saved with the adapters, and no longer match the base model it is fingerprinted against."""
+    both = [name for name in layers if f"{name}.weight" in trainable]
+    if both:
+        name = both[0]
+        raise LsrfxError(
+            f"layer '{name}' is both a target (its weight W0 stays frozen and gets an adapter) and in `trainable` "
+            f"(its weight trained in full); choose one: leave '{name}' out of targets to train it in full, or out "
+            f"of trainable to adapt it (its bias may stay trainable: trainable=['{name}.bias'])."
+            + (f" Also both: {both[1:6]}." if len(both) > 1 else "")
+        )
 
 
 def _check_finite(spec: LayerSpec, weight: torch.Tensor) -> None:
@@ -148,24 +215,62 @@ def merge(model: ModelT) -> ModelT:
     dequantised weight: those layers become float layers holding ``dequantize(W0) + dW`` (exact, not re-quantised;
     :mod:`lsrfx.quantized_base` says why and what re-quantising would cost).
     """
-    layers = list(adapted_layers(unwrap(model)))
+    root = unwrap(model)
+    layers = list(adapted_layers(root))
     _check_merged_finite(layers)
+    ties = tied_base_weights(root)
     for _, module, _ in layers:
         quantized_base.dequantize_base(module)
-    remove_adapters(model, fold=True)
+    untied = {name: module.weight.detach().clone() for name, module, _ in layers if name in ties}
+    remove_adapters(model, fold=True, keep_original=set(untied))
+    modules = dict(root.named_modules())
+    for name, merged in untied.items():
+        modules[name].weight = nn.Parameter(merged, requires_grad=modules[name].weight.requires_grad)
+    if untied:
+        _untie_in_config(root)
+        log.warning("lsrfx.merge: %s", "; ".join(
+            f"'{name}' shared its weight with {', '.join(repr(o) for o in ties[name])}; merging gave '{name}' its "
+            f"own W0 + dW and left the others at W0 (as the adapted model computed)" for name in untied)
+            + " (config.tie_word_embeddings set to False, so save_pretrained keeps both).")
     return model
 
 
-def remove_adapters(model: nn.Module, *, fold: bool) -> None:
+def tied_base_weights(root: nn.Module) -> dict[str, list[str]]:
+    """Adapted layers whose frozen ``W0`` is also another module's parameter (tied embeddings: ``lm_head`` and
+    ``embed_tokens``), by layer name, with the other parameters' names. The adapted model computes ``W0 + dW`` only
+    in the adapted layer; merging must not write ``W0 + dW`` into the shared tensor."""
+    owners: dict[int, list[str]] = {}
+    for name, p in root.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(p), []).append(name)
+    ties = {}
+    for name, module, _ in adapted_layers(root):
+        own = f"{name}.parametrizations.weight.original"
+        others = [n for n in owners.get(id(base_weight(module)), []) if n != own]
+        if others:
+            ties[name] = others
+    return ties
+
+
+def _untie_in_config(root: nn.Module) -> None:
+    """Record in a ``transformers`` config that input and output embeddings are no longer tied (else
+    ``save_pretrained`` / ``from_pretrained`` would tie them again and drop the merged head)."""
+    config = getattr(root, "config", None)
+    for cfg in (config, getattr(config, "text_config", None)):
+        if cfg is not None and getattr(cfg, "tie_word_embeddings", False):
+            cfg.tie_word_embeddings = False
+
+
+def remove_adapters(model: nn.Module, *, fold: bool, keep_original: set[str] = frozenset()) -> None:
     """Remove every lsrfx object from ``model``: parametrizations (``fold``: keep ``W0 + dW``, else restore
-    ``W0``), the input recorder and the state; parameters ``adapt`` froze become trainable again."""
+    ``W0``; layers in ``keep_original`` always get ``W0`` back), the input recorder and the state; parameters
+    ``adapt`` froze become trainable again."""
     from lsrfx.export.recorded_inputs import stop_recording  # on use: lsrfx.export imports this module
 
     root = unwrap(model)
     state = adapt_state(root)
-    for _, module, _ in list(adapted_layers(root)):
+    for name, module, _ in list(adapted_layers(root)):
         give_private_class(module)  # a deepcopy shares the generated class with its original: never edit it
-        parametrize.remove_parametrizations(module, "weight", leave_parametrized=fold)
+        parametrize.remove_parametrizations(module, "weight", leave_parametrized=fold and name not in keep_original)
         state_dict_hooks.remove_hooks(module)
     stop_recording(model)
     if state is not None:

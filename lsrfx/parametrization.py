@@ -9,7 +9,7 @@ layer saves and loads (a merged ``weight`` for plain loaders) is :mod:`lsrfx.sta
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -85,6 +85,16 @@ def adapted_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module, AdaptedWe
             yield name, module, param
 
 
+def refuse_script(self: nn.Module) -> nn.Module:
+    """``__prepare_scriptable__`` of an adapted layer: TorchScript cannot compile parametrizations or lsrfx's ops,
+    so ``torch.jit.script`` stops here with the fix instead of a raw error from deep inside the compiler."""
+    raise LsrfxError(
+        f"torch.jit.script cannot compile an adapted layer ({type(self).__name__} with an lsrfx adapter: a "
+        "parametrization and custom ops). Fold the adapters in first (lsrfx.merge(model), or merge a copy), or use "
+        "torch.compile / torch.export / lsrfx.merge_and_export instead of TorchScript."
+    )
+
+
 def give_private_class(module: nn.Module) -> None:
     """Give a parametrized module a private copy of its generated class (same name, bases and members).
 
@@ -102,15 +112,29 @@ def base_weight(module: nn.Module) -> Tensor:
     return module.parametrizations["weight"].original
 
 
+ADAPTER_INFIX = ".parametrizations.weight.0.adapter."
+
+
+def layer_of(tensor_name: str) -> str:
+    """The adapted layer an adapter tensor's qualified name belongs to (``...query.parametrizations...`` ->
+    ``...query``), or the name itself for other tensors."""
+    return tensor_name.split(ADAPTER_INFIX, 1)[0]
+
+
+def named_adapter_parameters(layers: Iterable[tuple[str, Adapter]]) -> dict[str, nn.Parameter]:
+    """``{qualified name: parameter}`` of ``(layer name, adapter)`` pairs, shared parameters (CondLoRA) once, under
+    the first layer that uses them (see :func:`adapter_parameters`)."""
+    seen: set[int] = set()
+    out: dict[str, nn.Parameter] = {}
+    for name, adapter in layers:
+        for pname, p in adapter.named_parameters():
+            if id(p) not in seen:
+                seen.add(id(p))
+                out[name + ADAPTER_INFIX + pname] = p
+    return out
+
+
 def adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     """Adapter parameters by their first qualified name, shared ones (CondLoRA) once: the name they are registered
     under (a CondLoRA pair belongs to the first layer of its group), which is also their ``state_dict`` key."""
-    seen: set[int] = set()
-    out: dict[str, nn.Parameter] = {}
-    for name, _, param in adapted_layers(model):
-        prefix = f"{name}.parametrizations.weight.0.adapter."
-        for pname, p in param.adapter.named_parameters():
-            if id(p) not in seen:
-                seen.add(id(p))
-                out[prefix + pname] = p
-    return out
+    return named_adapter_parameters((name, param.adapter) for name, _, param in adapted_layers(model))

@@ -24,7 +24,7 @@ from torch import nn  # noqa: E402
 from torch.utils.checkpoint import checkpoint  # noqa: E402
 
 if TYPE_CHECKING:
-    from transformers import BertForSequenceClassification, GPT2LMHeadModel
+    from transformers import BertForSequenceClassification, GPT2LMHeadModel, LlamaForCausalLM
 
 # Small options for every registered method, used wherever a test runs "each method". Constraints they meet:
 # * they fit every layer the tests adapt with them: the sides are even and >= 8 (smallest: tiny_mlp's 8 x 10, T5's
@@ -73,6 +73,19 @@ def tiny_gpt2(**config_overrides: Any) -> GPT2LMHeadModel:
     config = dict(vocab_size=100, n_embd=32, n_layer=2, n_head=2, n_positions=32, use_cache=False,
                   resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     return GPT2LMHeadModel(GPT2Config(**{**config, **config_overrides})).eval()
+
+
+def tiny_llama(**config_overrides: Any) -> LlamaForCausalLM:
+    """A random-weight Llama causal LM in eval mode: 2 layers, hidden 32 (all seven projections ``q k v o gate up
+    down``; ``k_proj``/``v_proj`` 32 -> 16 with 2 key/value heads of 4 query heads, as grouped-query attention),
+    intermediate 48, vocabulary 100, 64 positions, untied head, eager attention. ``config_overrides`` replace any of
+    these ``LlamaConfig`` fields (e.g. ``tie_word_embeddings=True``, ``num_hidden_layers=12``)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = dict(vocab_size=100, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
+                  attn_implementation="eager", pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    return LlamaForCausalLM(LlamaConfig(**{**config, **config_overrides})).eval()
 
 
 TOY_WIDTH, TOY_CLASSES = 32, 3

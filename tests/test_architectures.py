@@ -143,6 +143,12 @@ def max_abs_diff(a: list[np.ndarray], b: list[np.ndarray]) -> float:
     return max(float(np.abs(x - y).max()) for x, y in zip(a, b, strict=True))
 
 
+def ort_tolerance(want: list[np.ndarray]) -> float:
+    """fp32 onnxruntime-vs-PyTorch tolerance, relative to the outputs' size as ``merge_and_export``'s own check
+    (``lsrfx.export.verify``): 1e-4 x max(1, max |output|); T5's large-initialised outputs reach tens."""
+    return 1e-4 * max(1.0, max(float(np.abs(w).max()) for w in want))
+
+
 @pytest.fixture(autouse=True)
 def _fresh_dynamo():
     """Each cell compiles its own model; earlier compiles must not count against Dynamo's recompile limit."""
@@ -172,10 +178,11 @@ def test_adapt_train_merge_reload(arch: str, method: str, tmp_path) -> None:
 
     if (arch, method) in EXPORT_CELLS:
         report = lsrfx.merge_and_export(compiled, tmp_path / "model.onnx")  # inputs: the last (training) call
-        assert max_abs_diff(ort_outputs(report.path, inputs), want) <= 1e-4
+        assert max_abs_diff(ort_outputs(report.path, inputs), want) <= ort_tolerance(want)
         _, other = build(arch, batch=3, seq=5, seed=7)  # another batch and sequence size: dynamic axes
         other = inference_inputs(model, other)
-        assert max_abs_diff(ort_outputs(report.path, other), eager_outputs(compiled, other)) <= 1e-4
+        want_other = eager_outputs(compiled, other)
+        assert max_abs_diff(ort_outputs(report.path, other), want_other) <= ort_tolerance(want_other)
     else:
         merged = lsrfx.merge(independent_copy(compiled))
         assert max_abs_diff(eager_outputs(merged, inputs), want) <= 1e-5

@@ -6,13 +6,22 @@ version, lsrfx version, method and options, the adapted layers, the user's ``tar
 serialisable, a fingerprint per adapted layer: shape, dtype and SHA-256 of its frozen base weight, and
 ``tensors_sha256``, the SHA-256 of the whole ``adapters.safetensors`` file).
 
-Loading checks the file's checksum first, so damaged adapter data (a flipped byte, a truncated copy) is an error
-naming the file instead of NaN outputs; directories written before the checksum existed have none and load
-unchecked. Then it checks every fingerprint, so adapters never land silently on a different base model. A model that
-is not adapted yet is adapted from the saved config (same method, options and exact layer list) and then filled:
-this is what a user loading a fine-tune into a freshly built base model expects, and it reproduces the trained
-model's outputs exactly. An adapted model must carry the same method, options and layers; its adapter values are
-replaced. On any error the model is left as it was.
+An adapter directory is data, never a description of what to overwrite:
+
+* which tensors load is derived from the model and the method (the tensors ``adapt`` creates for the saved layers),
+  and the file must hold exactly those, each with the model's shape and dtype and finite values; a trained base
+  parameter loads only under a name the model lists as a plain parameter (never an adapted layer's ``W0``) and, in
+  an adapted model, only one the model itself trains;
+* every config field is validated (:mod:`lsrfx.export.adapter_config`), the tensor file must be a regular file no
+  larger than those tensors, and its SHA-256 must match the recorded one;
+* every fingerprint must match, so adapters never land silently on a different base model.
+
+All of it is checked before the model changes: a failed load leaves the model exactly as it was. A model that is not
+adapted yet is adapted from the saved config (same method, options and layers) and then filled; an adapted model
+must carry the same method, options and set of layers, and its adapter values are replaced in place (hot-swap: a
+compiled model keeps its compiled code), the trained base parameters the new set does not carry going back to their
+base values. Saving replaces the whole directory in one step (:func:`lsrfx.atomic_files.publish_directory`), and
+loading reads one version of it (:func:`lsrfx.atomic_files.read_directory`), so a reader never sees half a save.
 """
 
 from __future__ import annotations
@@ -20,6 +29,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import struct
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,17 +38,32 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from lsrfx.adapters import make_config
-from lsrfx.api import adapt, adapt_state, remove_adapters
+from lsrfx import atomic_files
+from lsrfx.adapters import LayerSpec
+from lsrfx.adapters.base import check_size
+from lsrfx.api import AdaptState, adapt, adapt_state, layer_spec, remove_adapters
 from lsrfx.errors import LsrfxError
-from lsrfx.parametrization import adapted_layers, adapter_parameters, base_weight
+from lsrfx.export.adapter_config import CONFIG_FILE, FORMAT, FORMAT_VERSION, SavedAdapters, parse_config, read_saved
+from lsrfx.parametrization import adapted_layers, adapter_parameters, base_weight, layer_of, named_adapter_parameters
 from lsrfx.quantized_base import scheme
-from lsrfx.utils import atomic_write, unwrap
+from lsrfx.utils import unwrap
+from lsrfx.version import __version__
 
-FORMAT = "lsrfx-adapters"
-FORMAT_VERSION = 1
 TENSORS_FILE = "adapters.safetensors"
-CONFIG_FILE = "adapter_config.json"
+# Files an adapter directory may hold; anything else means it is not a dedicated adapter directory, and saving
+# (which replaces the whole directory) refuses to delete it.
+ADAPTER_FILES = frozenset({CONFIG_FILE, TENSORS_FILE, "adapter_model.safetensors", "README.md"})
+HEADER_ALLOWANCE = 1 << 20  # bytes of safetensors header beyond the tensor data a file may carry
+
+
+@dataclass(frozen=True)
+class Expected:
+    """What one saved tensor must be: the model's tensor it loads into (``None`` while the model is not adapted:
+    a meta-device stand-in gives shape and dtype), its shape and dtype."""
+
+    target: Tensor | None
+    shape: tuple[int, ...]
+    dtype: torch.dtype
 
 
 def _full(t: Tensor) -> Tensor:
@@ -50,8 +76,7 @@ def _full(t: Tensor) -> Tensor:
 
 
 def _assign(p: Tensor, value: Tensor) -> None:
-    """``p.copy_(value)`` in ``p``'s dtype, scattering ``value`` first when ``p`` is a sharded DTensor (FSDP2)."""
-    value = value.to(p.dtype)
+    """``p.copy_(value)``, scattering ``value`` first when ``p`` is a sharded DTensor (FSDP2)."""
     if hasattr(p, "device_mesh"):
         from torch.distributed.tensor import distribute_tensor
 
@@ -86,29 +111,49 @@ def _serialisable_targets(targets: Any) -> Any:
     return None  # a predicate: the exact layer list in "layers" still replays it
 
 
-def save_adapters(model: nn.Module, directory: str | os.PathLike) -> Path:
-    """Write the adapters of ``model`` (plain or compiled) to ``directory``; returns the directory.
+def check_finite_tensors(tensors: dict[str, Tensor], doing: str) -> None:
+    """Refuse NaN/inf adapter values, naming the layer and tensor (``doing``: what was refused, for the message)."""
+    for name, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise LsrfxError(
+                f"{doing} refused: tensor '{name}' of layer '{layer_of(name)}' holds {bad} non-finite value(s) "
+                "(NaN or inf). The adapter diverged during training (lower the learning rate or the scale, check "
+                "the loss for NaN); use the last good adapters."
+            )
 
-    Files are replaced atomically (written under temporary names, then renamed). Under FSDP2 call it on every
-    rank: sharded tensors are gathered and rank 0 writes.
+
+def _check_materialised(root: nn.Module, doing: str) -> None:
+    if any(p.is_meta for p in root.parameters()):
+        raise LsrfxError(f"cannot {doing}: the model's parameters are on the meta device and hold no values; "
+                         "materialise it first (model.to_empty(device=...), then load the base weights).")
+
+
+def save_adapters(model: nn.Module, directory: str | os.PathLike) -> Path:
+    """Write the adapters of ``model`` (plain, compiled or wrapped for data parallelism) to ``directory``.
+
+    The directory is replaced as a whole, in one step: a crash or a concurrent reader never sees half a save, and
+    concurrent savers of the same directory run one after another. It must be a directory of adapter files only
+    (others are refused, never deleted). Non-finite adapter values are refused, naming the layer. Under FSDP2 call
+    it on every rank: sharded tensors are gathered and rank 0 writes. Returns the directory.
     """
     from safetensors.torch import save
-
-    import lsrfx
 
     root = unwrap(model)
     state = adapt_state(root)
     if state is None:
         raise LsrfxError(f"{type(root).__name__} has no lsrfx adapters to save; call lsrfx.adapt(model, ...) first.")
+    _check_materialised(root, "save adapters")
     modules = dict(root.named_modules())
     params = dict(root.named_parameters())
     tensors = {name: _full(p) for name, p in adapter_parameters(root).items()}
     trained_base = {n: _full(params[n]) for n in state.trainable if n in params}
+    check_finite_tensors({**tensors, **trained_base}, "save_adapters")
     tensors.update(trained_base)
     config = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "lsrfx_version": lsrfx.__version__,
+        "lsrfx_version": __version__,
         "method": state.config.method,
         "options": _jsonable(state.config.options()),
         "targets": _serialisable_targets(state.targets),
@@ -121,88 +166,196 @@ def save_adapters(model: nn.Module, directory: str | os.PathLike) -> Path:
         return directory
     data = save(tensors, metadata={"format": "pt"})
     config["tensors_sha256"] = hashlib.sha256(data).hexdigest()
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        atomic_write(directory / TENSORS_FILE, lambda f: Path(f).write_bytes(data))
-        atomic_write(directory / CONFIG_FILE,
-                      lambda f: Path(f).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n"))
-    except OSError as exc:
-        raise LsrfxError(f"cannot write adapters to {directory}: {exc.strerror or exc}; "
-                         "choose a writable directory.") from exc
+    write_adapter_directory(directory, {TENSORS_FILE: data,
+                                        CONFIG_FILE: (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()})
     return directory
+
+
+def write_adapter_directory(directory: Path, files: dict[str, bytes]) -> None:
+    """Replace ``directory`` by one holding exactly ``files``, in one step; refuse a directory that holds anything
+    but adapter files (it is not ours to delete)."""
+    if directory.is_dir():
+        foreign = sorted(p.name for p in directory.iterdir() if p.name not in ADAPTER_FILES)
+        if foreign:
+            raise LsrfxError(
+                f"{directory} holds files that are not adapter files ({', '.join(foreign[:5])}); saving replaces the "
+                f"whole directory in one step, so save into a directory of its own, e.g. {directory / 'adapters'}."
+            )
+    elif directory.exists():
+        raise LsrfxError(f"{directory} exists and is not a directory; choose a directory for the adapters.")
+    try:
+        with atomic_files.publish_directory(directory) as stage:
+            for name, data in files.items():
+                (stage / name).write_bytes(data)
+    except OSError as exc:
+        raise LsrfxError(f"cannot write adapters to {directory}: {exc.strerror or exc} (nothing was changed there); "
+                         "choose a writable directory with free space.") from exc
 
 
 def load_adapters(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     """Load adapters saved by :func:`save_adapters` into ``model`` (plain or compiled) and return ``model``.
 
     A model without adapters is adapted from the saved config first (``lsrfx.adapt``, which also installs the
-    compile pass); an adapted one must match it, and its adapter tensors are overwritten in place, so a compiled
-    model keeps its compiled code (hot-swap: no recompilation; the way to serve several adapters from one compiled
-    base, tested over fp32 and int8 bases). Fails with
-    an :class:`LsrfxError`, leaving the model unchanged, when the tensor file does not match its recorded SHA-256
-    (damaged), when the base weights differ from the ones the adapters were trained on (fingerprint), or when
-    method, options, layers or tensor shapes disagree.
+    compile pass); an adapted one must carry the same method, options and layers, and its adapter tensors are
+    overwritten in place, so a compiled model keeps its compiled code (hot-swap: no recompilation; the way to serve
+    several adapters from one compiled base). Everything is checked before the model changes (see the module
+    docstring); any failure is an :class:`LsrfxError` naming the file, field, tensor or layer, and leaves the
+    model exactly as it was.
     """
     directory = Path(directory)
-    config = _read_config(directory)
-    tensors = _read_tensors(directory / TENSORS_FILE, config.get("tensors_sha256"))
     root = unwrap(model)
-    saved_config = make_config(config["method"], saved_options(config["method"], config["options"]))
-    layers = list(config["layers"])
-    _check_base(root, config["layers"])
     state = adapt_state(root)
-    fresh = state is None
-    if fresh:
-        if any(True for _ in adapted_layers(root)):
-            raise LsrfxError("the model holds lsrfx parametrizations but no adapt state; rebuild it from the base.")
-        wanted = set(layers)
-        adapt(model, saved_config, targets=lambda name, _m: name in wanted, trainable=config["trainable"])
+    if state is None and any(True for _ in adapted_layers(root)):
+        raise LsrfxError("the model holds lsrfx parametrizations but no adapt state; rebuild it from the base.")
+    saved, tensors = atomic_files_read(directory, lambda saved: expected_tensors(root, saved, state))
+    if state is None:
+        wanted = set(saved.layers)
+        adapt(model, saved.config, targets=lambda name, _m: name in wanted, trainable=saved.trainable)
+        try:
+            _copy_in(root, tensors, adapt_state(root), reset=False)
+        except BaseException:
+            remove_adapters(model, fold=False)
+            raise
     else:
-        _check_same_adaptation(state, saved_config, layers)
-    try:
-        _fill(root, tensors, config)
-    except LsrfxError:
-        if fresh:
-            _undo_adapt(model)
-        raise
+        _copy_in(root, tensors, state, reset=True)
     return model
 
 
-def _read_config(directory: Path) -> dict:
-    file = directory / CONFIG_FILE
+def atomic_files_read(directory: Path, expect) -> tuple[SavedAdapters, dict[str, Tensor]]:
+    """The validated config and tensors of one version of ``directory``. ``expect(saved)`` gives the tensors the
+    model needs (:func:`expected_tensors`), which bound the size of the tensor file and are checked one by one."""
+    config_file, tensors_file = directory / CONFIG_FILE, directory / TENSORS_FILE
+
+    def read(read_file) -> tuple[SavedAdapters, dict[str, Tensor]]:
+        saved = read_saved(parse_config(_read(read_file, CONFIG_FILE, directory), config_file), config_file)
+        expected = expect(saved)
+        limit = sum(e.dtype.itemsize * _numel(e.shape) for e in expected.values()) + HEADER_ALLOWANCE
+        data = _read(read_file, TENSORS_FILE, directory, limit)
+        if saved.tensors_sha256 is not None and hashlib.sha256(data).hexdigest() != saved.tensors_sha256:
+            raise LsrfxError(
+                f"{tensors_file} is damaged: its SHA-256 differs from the one recorded in {CONFIG_FILE} when it was "
+                f"saved ({saved.tensors_sha256[:16]}...); nothing was loaded. Restore the file from a good copy or "
+                "save the adapters again."
+            )
+        return saved, check_tensors(_parse_safetensors(data, tensors_file), expected, tensors_file)
+
     try:
-        config = json.loads(file.read_text())
+        return atomic_files.read_directory(directory, read)
+    except FileNotFoundError as exc:
+        raise LsrfxError(f"cannot read {directory}: {exc.strerror or exc} ({exc.filename}); pass the directory "
+                         "save_adapters wrote.") from exc
+    except NotADirectoryError as exc:
+        raise LsrfxError(f"cannot read adapters from {directory}: it is not a directory.") from exc
     except OSError as exc:
-        raise LsrfxError(f"cannot read {file}: {exc.strerror or exc}; pass the directory save_adapters wrote.") from exc
-    except json.JSONDecodeError as exc:
-        raise LsrfxError(f"{file} is not valid JSON ({exc}); the adapter directory is damaged.") from exc
-    if config.get("format") != FORMAT or config.get("format_version") != FORMAT_VERSION:
-        raise LsrfxError(f"{file} is not an lsrfx adapter config of format version {FORMAT_VERSION} "
-                         f"(found format={config.get('format')!r}, version={config.get('format_version')!r}).")
-    return config
+        raise LsrfxError(f"cannot read {directory}: {exc.strerror or exc}; pass the directory save_adapters "
+                         "wrote.") from exc
 
 
-def _read_tensors(file: Path, sha256: str | None) -> dict[str, Tensor]:
-    """The saved tensors, after checking the file's bytes against the SHA-256 recorded when it was written (files
-    saved before lsrfx recorded one, ``sha256=None``, are not checked)."""
+def _read(read_file, name: str, directory: Path, limit: int | None = None) -> bytes:
+    try:
+        return read_file(name, limit)
+    except atomic_files.NotARegularFile as exc:
+        raise LsrfxError(f"{directory / name} is not a regular file (a device, pipe or directory); refusing to "
+                         "read it. Adapter directories hold plain files only.") from exc
+    except atomic_files.FileTooLarge as exc:
+        raise LsrfxError(f"{directory / name} is {exc.strerror}: larger than the adapters this model can hold, so "
+                         "it was not read. It belongs to another model or is damaged.") from exc
+    except IsADirectoryError as exc:
+        raise LsrfxError(f"{directory / name} is a directory, not an adapter file.") from exc
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _parse_safetensors(data: bytes, file: Path) -> dict[str, Tensor]:
     from safetensors.torch import load
 
-    try:
-        data = file.read_bytes()
-    except OSError as exc:
-        raise LsrfxError(f"cannot read {file}: {exc.strerror or exc}; is it a save_adapters directory?") from exc
-    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
-        raise LsrfxError(
-            f"{file} is damaged: its SHA-256 differs from the one recorded in {CONFIG_FILE} when it was saved "
-            f"({sha256[:16]}...); nothing was loaded. Restore the file from a good copy or save the adapters again."
-        )
+    if len(data) < 8 or struct.unpack("<Q", data[:8])[0] > len(data) - 8:
+        raise LsrfxError(f"cannot read {file}: not a safetensors file (truncated or of another format).")
     try:
         return load(data)
     except Exception as exc:
         raise LsrfxError(f"cannot read {file}: {exc}; is it a save_adapters directory?") from exc
 
 
-def _check_base(root: nn.Module, layers: dict[str, dict]) -> None:
+def expected_tensors(root: nn.Module, saved: SavedAdapters, state: AdaptState | None) -> dict[str, Expected]:
+    """Every tensor the file must hold, derived from the model and the method, never from the file's own lists:
+    the adapter tensors ``adapt`` creates for the saved layers, and the trained base parameters the config names,
+    each checked to be a plain parameter of the model (and, in an adapted model, one it trains)."""
+    check_base(root, saved.layers)
+    if state is None:
+        specs = [_meta_spec(layer_spec(name, module)) for name, module in _saved_modules(root, saved)]
+        for spec in specs:
+            saved.config.check(spec)
+            check_size(saved.config, spec)
+        adapters = named_adapter_parameters(zip((s.name for s in specs), saved.config.build(specs), strict=True))
+        expected = {n: Expected(None, tuple(p.shape), p.dtype) for n, p in adapters.items()}
+    else:
+        check_same_adaptation(state, saved)
+        expected = {n: Expected(p, tuple(p.shape), p.dtype) for n, p in adapter_parameters(root).items()}
+    expected.update(_expected_trainable(root, saved, state))
+    return expected
+
+
+def _meta_spec(spec: LayerSpec) -> LayerSpec:
+    """``spec`` on the meta device: adapters built from it give names, shapes and dtypes without allocating."""
+    return LayerSpec(spec.name, spec.d_out, spec.d_in, spec.transposed, spec.dtype, torch.device("meta"))
+
+
+def _saved_modules(root: nn.Module, saved: SavedAdapters) -> list[tuple[str, nn.Module]]:
+    """The saved layers in the model's module order (the order ``adapt`` builds them in)."""
+    return [(name, m) for name, m in root.named_modules() if name in saved.layers]
+
+
+def _expected_trainable(root: nn.Module, saved: SavedAdapters, state: AdaptState | None) -> dict[str, Expected]:
+    params = dict(root.named_parameters())
+    out = {}
+    for name in saved.trainable:
+        p = params.get(name)
+        if p is None or ".parametrizations." in name:
+            raise LsrfxError(
+                f"the adapter config lists '{name}' as a trained base parameter, but the model has no such plain "
+                "parameter (an adapted layer's W0 or an adapter tensor never loads from the trained list); the "
+                "directory was edited or belongs to another model. Nothing was loaded."
+            )
+        if state is not None and name not in state.trainable:
+            raise LsrfxError(
+                f"the adapters carry the trained base parameter '{name}', which this adapted model does not train "
+                f"(its trainable parameters: {state.trainable[:6] or 'none'}); a hot-swap may only replace what the "
+                "model trains. Load into a fresh base model, or adapt with trainable including it."
+            )
+        out[name] = Expected(p if state is not None else None, tuple(p.shape), p.dtype)
+    return out
+
+
+def check_tensors(tensors: dict[str, Tensor], expected: dict[str, Expected], file: Path) -> dict[str, Tensor]:
+    """The file's tensors, exactly the expected names, each with the expected shape and dtype and finite."""
+    extra = sorted(set(tensors) - set(expected))
+    if extra:
+        raise LsrfxError(f"{file} holds tensors this model's adapters do not have: {extra[:5]}; only the adapter "
+                         "tensors of the saved layers and the trained parameters load. Nothing was loaded.")
+    missing = sorted(set(expected) - set(tensors))
+    if missing:
+        raise LsrfxError(f"{file} lacks tensors the adapters need: {missing[:5]}; the files come from a different "
+                         "lsrfx adapter layout or were edited. Nothing was loaded.")
+    for name, t in tensors.items():
+        want = expected[name]
+        if tuple(t.shape) != want.shape:
+            raise LsrfxError(f"saved tensor '{name}' has shape {tuple(t.shape)}, the model's {want.shape}; the "
+                             "adapters belong to another model. Nothing was loaded.")
+        if t.dtype != want.dtype:
+            raise LsrfxError(f"saved tensor '{name}' is {str(t.dtype).removeprefix('torch.')}, the model's "
+                             f"{str(want.dtype).removeprefix('torch.')}; lsrfx does not convert adapter values. "
+                             "Nothing was loaded.")
+    check_finite_tensors(tensors, f"loading {file}")
+    return tensors
+
+
+def check_base(root: nn.Module, layers: dict[str, dict]) -> None:
     """Every saved layer exists and its base weight has the saved fingerprint."""
     modules = dict(root.named_modules())
     for name, saved in layers.items():
@@ -213,6 +366,10 @@ def _check_base(root: nn.Module, layers: dict[str, dict]) -> None:
                 "does not have; load them into the base model they were saved from."
             )
         weight = base_weight(module) if parametrize.is_parametrized(module, "weight") else module.weight
+        if weight.is_meta:
+            raise LsrfxError(f"cannot load adapters: layer '{name}' has its weight on the meta device (no values to "
+                             "check against the saved fingerprint); materialise the model and load the base weights "
+                             "first.")
         found = fingerprint(weight)
         if found != saved:
             if found.get("quantization") != saved.get("quantization"):
@@ -228,51 +385,46 @@ def _check_base(root: nn.Module, layers: dict[str, dict]) -> None:
             )
 
 
-def _check_same_adaptation(state, saved_config, layers: list[str]) -> None:
-    if state.config != saved_config:
-        if state.config.method != saved_config.method:
-            what = f"method {state.config.method!r} in the model, {saved_config.method!r} in the files"
+def check_same_adaptation(state: AdaptState, saved: SavedAdapters) -> None:
+    """An adapted model can take a saved set in place only if method, options and the set of layers agree."""
+    ours, theirs = state.config, saved.config
+    if ours != theirs:
+        if ours.method != theirs.method:
+            what = f"method {ours.method!r} in the model, {theirs.method!r} in the files"
         else:
-            ours, theirs = state.config.options(), saved_config.options()
-            what = ", ".join(f"{k}={ours[k]!r} in the model, {theirs[k]!r} in the files"
-                             for k in ours if ours[k] != theirs.get(k))
+            mine, other = ours.options(), theirs.options()
+            what = ", ".join(f"{k}={mine[k]!r} in the model, {other[k]!r} in the files"
+                             for k in mine if mine[k] != other.get(k))
         raise LsrfxError(
-            f"the model is adapted with {state.config} but the saved adapters use {saved_config} ({what}); the "
-            "model is unchanged. Load into a model adapted the same way, or into the plain base model (it is then "
-            "adapted from the saved config)."
+            f"the model is adapted with {ours} but the saved adapters use {theirs} ({what}); the model is "
+            "unchanged. Load into a model adapted the same way, or into the plain base model (it is then adapted "
+            "from the saved config)."
         )
-    if list(state.layers) != layers:
-        missing = sorted(set(layers) - set(state.layers))
-        extra = sorted(set(state.layers) - set(layers))
-        raise LsrfxError(f"the model's adapted layers differ from the saved ones (missing {missing[:5]}, extra "
-                         f"{extra[:5]}); load into the plain base model so lsrfx adapts the saved layers.")
+    if set(state.layers) != set(saved.layers):
+        missing = sorted(set(saved.layers) - set(state.layers))
+        extra = sorted(set(state.layers) - set(saved.layers))
+        raise LsrfxError(
+            f"the model's adapted layers differ from the saved ones: {len(missing)} saved layer(s) not adapted in "
+            f"the model (e.g. {missing[:3]}), {len(extra)} adapted layer(s) not in the files (e.g. {extra[:3]}); the "
+            "model is unchanged. Load into the plain base model so lsrfx adapts exactly the saved layers."
+        )
 
 
-def _fill(root: nn.Module, tensors: dict[str, Tensor], config: dict) -> None:
-    """Copy the saved tensors in after checking names and shapes of all of them."""
-    params = dict(root.named_parameters())
-    targets = dict(adapter_parameters(root))
-    for name in config["trainable"]:
-        targets[name] = params.get(name)
-    expected = set(config["adapter_tensors"]) | set(config["trainable"])
-    if set(targets) != expected or set(tensors) != expected:
-        diff = sorted(set(targets) ^ expected) or sorted(set(tensors) ^ expected)
-        raise LsrfxError(f"saved adapter tensors do not match the model's (e.g. {diff[:3]}); the files come from "
-                         "a different lsrfx adapter layout.")
-    for name, t in tensors.items():
-        p = targets[name]
-        if p is None or p.shape != t.shape:
-            raise LsrfxError(f"saved tensor '{name}' has shape {tuple(t.shape)}, the model's "
-                             f"{None if p is None else tuple(p.shape)}; the adapters belong to another model.")
+def _copy_in(root: nn.Module, tensors: dict[str, Tensor], state: AdaptState, *, reset: bool) -> None:
+    """Copy checked tensors into the model's adapter and trained parameters. ``reset``: the trained base
+    parameters the set does not carry go back to their base values (a hot-swap must not keep the previous set's
+    head). Nothing here can fail on valid input, so the model is never left half-filled."""
+    targets = {**adapter_parameters(root), **dict(root.named_parameters())}
+    stale = [n for n in state.trainable if n not in tensors] if reset else []
+    unknown = [n for n in stale if n not in state.base_values]
+    if unknown:
+        raise LsrfxError(f"the adapters do not carry the trained parameter(s) {unknown[:5]}, whose base values are "
+                         "unknown (the model was adapted on the meta device); load into a fresh base model instead.")
     with torch.no_grad():
         for name, t in tensors.items():
             _assign(targets[name], t)
-
-
-def _undo_adapt(model: nn.Module) -> None:
-    """Reverse an ``adapt`` made by ``load_adapters`` (base weights restored untouched, freezing undone, the input
-    recorder removed from ``model`` itself, which is the compiled wrapper for a compiled model)."""
-    remove_adapters(model, fold=False)
+        for name in stale:
+            _assign(targets[name], state.base_values[name])
 
 
 def _jsonable(value: Any) -> Any:
@@ -282,12 +434,3 @@ def _jsonable(value: Any) -> Any:
         return [_jsonable(v) for v in value]
     return value
 
-
-def saved_options(method: str, options: dict) -> dict:
-    """A saved config's options as keyword arguments: JSON lists back to tuples, and an option the file lacks
-    because it was written before the option existed takes the value that reproduces that file's adapter (the
-    config class's ``OPTIONS_BEFORE_THEY_EXISTED``), not today's default."""
-    from lsrfx.adapters import METHODS
-
-    legacy = getattr(METHODS.get(method), "OPTIONS_BEFORE_THEY_EXISTED", {})
-    return {**legacy, **{k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}}

@@ -15,9 +15,11 @@ that would check a different file than the one written.
 
 from __future__ import annotations
 
+import errno
 import os
+import re
+import secrets
 import shutil
-import tempfile
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,16 +28,22 @@ from typing import Any
 import torch
 from torch import nn
 
+from lsrfx import atomic_files
 from lsrfx.api import merge as merge_adapters
+from lsrfx.api import tied_base_weights
 from lsrfx.errors import LsrfxError
 from lsrfx.export import inputs as inp
 from lsrfx.export import verify as ver
+from lsrfx.export.adapters_io import check_finite_tensors
 from lsrfx.export.clone import independent_copy
+from lsrfx.parametrization import adapter_parameters
 from lsrfx.quantized_base import dequantize_all
 from lsrfx.utils import first_line, quiet_logger, unwrap
 
 # Logs the exporter's registry warnings about optional torchvision ops, which lsrfx never uses.
 EXPORTER_REGISTRY_LOGGER = "torch.onnx._internal.exporter._registration"
+# Above this many bytes of weights the graph keeps them in a separate data file (protobuf's limit is 2 GiB).
+EXTERNAL_DATA_BYTES = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -52,13 +60,17 @@ class ExportReport:
     merged: bool = True
     dynamic_axes: dict[str, list[int]] = field(default_factory=dict)
     outputs: list[str] = field(default_factory=list)
+    data_file: str | None = None  # the external-data file beside ``path``, when the weights are kept apart
+    notes: list[str] = field(default_factory=list)  # what the export changed on its copy, e.g. untied weights
 
     def __str__(self) -> str:
         diff = ("not verified (verify=False)" if self.max_diff is None
                 else f"verified in onnxruntime, max abs diff vs PyTorch {self.max_diff:.2e}")
         shown = ", ".join(self.outputs[:4]) + (f", ... ({len(self.outputs)} in all)" if len(self.outputs) > 4 else "")
-        return (f"{self.path}: {self.size / 1e6:.2f} MB, opset {self.opset}, {self.node_count} nodes, "
-                f"{'merged' if self.merged else 'adapters separate'}, outputs {shown or '-'}, {diff}")
+        data = f", weights in {self.data_file}" if self.data_file else ""
+        notes = "".join(f"; {n}" for n in self.notes)
+        return (f"{self.path}: {self.size / 1e6:.2f} MB{data}, opset {self.opset}, {self.node_count} nodes, "
+                f"{'merged' if self.merged else 'adapters separate'}, outputs {shown or '-'}, {diff}{notes}")
 
 
 def merge_and_export(
@@ -70,6 +82,7 @@ def merge_and_export(
     opset: int | None = None,
     verify: bool = True,
     merge: bool = True,
+    external_data: bool | None = None,
 ) -> ExportReport:
     """Export an adapted model (plain or ``torch.compile``d) to ONNX with its adapters merged into the weights.
 
@@ -86,12 +99,19 @@ def merge_and_export(
     ``verify=False``, or export a float32 copy). ``merge=False`` keeps the adapter tensors separate in the graph.
     Graph outputs are named after the model's output fields (``logits``). A quantized (torchao) base is exported as
     its dequantised float weights (ONNX has no torchao kernels), adapters folded in, and verified against the
-    quantized model's own outputs. The caller's model is left as it was, adapted and trainable.
+    quantized model's own outputs. An adapted layer whose base weight is tied to another module (``lm_head`` and the
+    input embedding) is untied in the exported graph, as the adapted model computes it (the report's ``notes`` say
+    so). ``external_data``: keep the weights in a separate file beside ``path`` (default: only above 1 GiB of
+    weights); it gets a name of its own per export, so replacing an earlier export never pairs its graph with new
+    weights. The caller's model is left as it was, adapted and trainable; a failure writes nothing.
     """
     path = Path(path)
+    root = unwrap(model)
+    check_finite_tensors({n: p.detach() for n, p in adapter_parameters(root).items()}, "merge_and_export")
+    notes = [f"'{name}' untied from {', '.join(others)}: the graph holds W0 + dW for '{name}' and W0 for the others"
+             for name, others in tied_base_weights(root).items()] if merge else []
     workdir = _workdir(path)
     try:
-        root = unwrap(model)
         found, source = inp.find_inputs(root, example_inputs)
         inputs = inp.clean(root, found)
         if dynamic:
@@ -110,7 +130,7 @@ def merge_and_export(
         program = _export(clone, inputs, dynamic=dynamic, opset=opset, merge=merge,
                           output_names=ver.output_names(outputs))
         staged = workdir / path.name
-        program.save(staged)
+        data_file = _save(program, staged, external_data)
         proto = _check(staged)
         symbols = _symbolic_axes(proto)
         max_diff = None
@@ -132,21 +152,48 @@ def merge_and_export(
     return ExportReport(
         path=path, size=size, opset=_opset(proto), max_diff=max_diff, node_count=len(proto.graph.node),
         merged=merge, dynamic_axes={n: sorted(s) for n, s in zip(names, symbols, strict=True) if s},
-        outputs=[o.name for o in proto.graph.output],
+        outputs=[o.name for o in proto.graph.output], data_file=data_file, notes=notes,
     )
 
 
 def _workdir(path: Path) -> Path:
-    """A temporary directory beside ``path``: proves the location is writable before any work is done."""
+    """A temporary directory beside ``path`` (``.<name>.tmp-<pid>-<token>``): proves the location is writable
+    before any work is done. Leftovers of killed exports of the same file are removed first."""
     if path.is_dir():
         raise LsrfxError(f"export path {path} is a directory; give a file name such as {path / 'model.onnx'}.")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+        atomic_files.remove_stale(path.absolute())
+        workdir = atomic_files.sibling_name(path, atomic_files.STAGE_TAG)
+        workdir.mkdir()
+        return workdir
     except OSError as exc:
         raise LsrfxError(
             f"cannot write the ONNX file to {path}: {exc.strerror or exc}; choose a writable directory."
         ) from exc
+
+
+def _save(program, staged: Path, external_data: bool | None) -> str | None:
+    """Write the graph to ``staged``; the weights go into a data file of a fresh name beside it when asked or when
+    they are large. Returns that file's name. A full disk or another write error is an :class:`LsrfxError` naming
+    the place."""
+    import onnx_ir as ir
+
+    weights = sum(v.const_value.nbytes for v in program.model.graph.initializers.values()
+                  if v.const_value is not None)
+    external = external_data if external_data is not None else weights > EXTERNAL_DATA_BYTES
+    data_name = f"{staged.name}.{secrets.token_hex(4)}.data" if external else None
+    try:
+        if external:
+            ir.save(program.model, staged, external_data=data_name)
+        else:
+            program.save(staged, external_data=False)
+    except OSError as exc:
+        full = " (the disk is full)" if exc.errno == errno.ENOSPC else ""
+        raise LsrfxError(f"cannot write the ONNX file for {staged.name} beside {staged.parent.parent}: "
+                         f"{exc.strerror or exc}{full}; nothing was written. Free space or choose another "
+                         "directory.") from exc
+    return data_name
 
 
 def _disable_cache(model: nn.Module) -> None:
@@ -225,11 +272,25 @@ def _opset(proto) -> int:
 
 
 def _publish(workdir: Path, path: Path) -> int:
-    """Rename the staged files into place, external data first so the model file never points at nothing."""
-    staged = sorted(workdir.iterdir(), key=lambda f: f.name == path.name)
-    for f in staged:
-        os.replace(f, path.parent / f.name)
-    return sum((path.parent / f.name).stat().st_size for f in staged)
+    """Rename the staged files into place: the data file first (its name is new, so nothing in use is replaced),
+    then the graph in one rename, then the data files no graph refers to any more. A kill at any point leaves the
+    old graph with its old data or the new graph with its new data, never a mix."""
+    data = [f for f in workdir.iterdir() if f.name != path.name]
+    with atomic_files.locked(path.parent):
+        for f in data:
+            os.replace(f, path.parent / f.name)
+        os.replace(workdir / path.name, path)
+        _remove_unreferenced_data(path, keep={f.name for f in data})
+    return sum((path.parent / f.name).stat().st_size for f in [path, *data])
+
+
+def _remove_unreferenced_data(path: Path, keep: set[str]) -> None:
+    """Delete the data files of earlier exports to ``path`` (``<name>.data``, ``<name>.<token>.data``) that the new
+    graph does not use."""
+    pattern = re.compile(re.escape(path.name) + r"(\.[0-9a-f]{8})?\.data")
+    for f in path.parent.iterdir():
+        if pattern.fullmatch(f.name) and f.name not in keep:
+            f.unlink(missing_ok=True)
 
 
 def _describe(inputs: inp.Inputs) -> str:
