@@ -2,8 +2,8 @@
 
 The adapter option flags are generated from the config dataclasses registered in ``lsrfx.adapters.METHODS`` (one
 flag per field, its help text from the field's ``metadata["help"]``), so a new method needs no CLI change. Bad input
-ends with one line on stderr and exit status 2, never a traceback; Ctrl-C exits with 130 and leaves no half-written
-output.
+ends with one line on stderr and exit status 2, never a traceback; Ctrl-C exits with 130 and SIGTERM (a job
+scheduler's or ``kill``'s stop) with 143, both through the same clean-up, leaving no half-written output.
 
 Imports are deferred to the subcommand that needs them: ``lsrfx --help`` imports neither torch nor transformers,
 onnx or matplotlib; the adapter registry (and with it torch) is imported only to build a subcommand's option flags.
@@ -12,13 +12,16 @@ onnx or matplotlib; the adapter registry (and with it torch) is imported only to
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
+import signal
 import sys
+import threading
 import time
 import types
 import typing
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, NoReturn
@@ -297,16 +300,45 @@ def main(argv: list[str] | None = None) -> int:
     command = next((a for a in argv if a in COMMANDS), None)  # the top-level parser has no option taking a value
     args = build_parser([command] if command else []).parse_args(argv)
     try:
-        return {"finetune": finetune, "inspect": inspect}[args.command](args)
+        with sigterm_as_interrupt():
+            return {"finetune": finetune, "inspect": inspect}[args.command](args)
     except LsrfxError as exc:
         print(f"lsrfx: error: {one_line(exc)}", file=sys.stderr)
         return 2
     except OSError as exc:
         print(f"lsrfx: error: {one_line(exc)}", file=sys.stderr)
         return 1
+    except Terminated:
+        print("\nlsrfx: terminated (SIGTERM); no output was written.", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print("\nlsrfx: interrupted; no output was written.", file=sys.stderr)
         return 130
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is, like Ctrl-C's ``KeyboardInterrupt``: the same clean-up runs (the
+    staged output is removed) instead of the process dying with its files half-written."""
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Inside the block SIGTERM raises :class:`Terminated` (once: a second SIGTERM during the clean-up is ignored);
+    the previous handler is restored afterwards. Signal handlers can only be set in the main thread; elsewhere the
+    block runs unchanged."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum: int, frame: object) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def idle_cores(limit: int) -> int:

@@ -3,7 +3,9 @@
 The *effective rank* of a matrix (Roy & Vetterli, 2007) is ``exp(H(p))`` with ``p_k = s_k / sum(s)`` its normalised
 singular values and ``H`` their Shannon entropy: ``n`` for an ``n x n`` identity, 1 for a rank-1 matrix, between 1 and
 the rank otherwise (a spectrum dominated by a few directions counts as few). For an adapter's ``dW = scale * B @ A``
-it is at most the adapter's rank; right after ``adapt`` (``dW = 0``) it is 0.
+it is at most the adapter's rank; right after ``adapt`` (``dW = 0``) it is 0. A matrix with a NaN or infinite entry
+has no singular values (the SVD does not converge): its effective rank reads ``nan``, so a diverged layer shows up in
+:func:`lsrfx.summary` instead of crashing it.
 """
 
 from __future__ import annotations
@@ -21,12 +23,14 @@ from lsrfx.utils import unwrap
 
 def effective_rank(matrix: Tensor) -> float:
     """``exp`` of the entropy of ``matrix``'s normalised singular values ``s_k / sum(s)`` (0 for an all-zero
-    matrix), computed in float64 on the CPU with :func:`torch.linalg.svdvals`."""
+    matrix, ``nan`` for one with a non-finite entry), computed in float64 on the CPU with
+    :func:`torch.linalg.svdvals`."""
     if matrix.ndim != 2:
         raise LsrfxError(f"effective_rank takes a 2-D matrix, got shape {tuple(matrix.shape)}.")
     if matrix.is_meta:
         raise LsrfxError("effective_rank: the matrix is on the meta device (no values); materialise it first.")
-    return _entropy_rank(torch.linalg.svdvals(_float64(matrix)))
+    m64 = _float64(matrix)
+    return _entropy_rank(torch.linalg.svdvals(m64)) if _finite(m64) else math.nan
 
 
 def low_rank_effective_rank(a: Tensor, b: Tensor) -> float:
@@ -34,6 +38,8 @@ def low_rank_effective_rank(a: Tensor, b: Tensor) -> float:
     ``b = Q_b R_b`` and ``a.T = Q_a R_a`` (reduced QR), ``b @ a = Q_b (R_b R_a.T) Q_a.T`` has the singular values of
     the ``r x r`` core, so a 4096 x 4096 layer costs two thin QRs instead of a dense SVD."""
     a64, b64 = _float64(a), _float64(b)
+    if not (_finite(a64) and _finite(b64)):
+        return math.nan
     if a64.shape[0] >= min(a64.shape[1], b64.shape[0]):  # not low-rank: the dense product is as cheap
         return _entropy_rank(torch.linalg.svdvals(b64 @ a64))
     r_a = torch.linalg.qr(a64.t(), mode="r").R
@@ -57,7 +63,7 @@ def delta_effective_ranks(model: nn.Module) -> dict[str, float]:
     order (computed from the factors by :func:`low_rank_effective_rank`: the same value as for
     ``adapter.delta_weight(W0)``, without the dense SVD). ``model`` may be compiled; a quantized (torchao) base weight is
     dequantised first (:func:`lsrfx.quantized_base.dense`); a layer whose weights are still on
-    the ``meta`` device reads ``nan``."""
+    the ``meta`` device, or whose factors hold a NaN or infinity, reads ``nan``."""
     out: dict[str, float] = {}
     with torch.no_grad():
         for name, module, param in adapted_layers(unwrap(model)):
@@ -75,3 +81,7 @@ def delta_effective_ranks(model: nn.Module) -> dict[str, float]:
 def _float64(matrix: Tensor) -> Tensor:
     return dense(matrix).detach().to("cpu", torch.float64)
 
+
+def _finite(matrix: Tensor) -> bool:
+    """Whether every entry is finite: the SVD of anything else fails to converge (``torch.linalg.LinAlgError``)."""
+    return bool(torch.isfinite(matrix).all())

@@ -34,17 +34,20 @@ CLASSES = {"games": "game play arcade", "sound": "audio music sound", "mail": "m
 FILLER = "tool small fast simple linux program library".split()
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    """The shared tiny BERT's encoder (2 layers, random weights) saved with a WordPiece tokenizer over a
-    hand-written vocabulary."""
-    path = tmp_path_factory.mktemp("tiny-bert")
+def save_tiny_model(path: Path) -> Path:
+    """Save the shared tiny BERT's encoder (2 layers, random weights) into ``path`` with a WordPiece tokenizer over
+    a hand-written vocabulary."""
     words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *FILLER, *" ".join(CLASSES.values()).split()]
     tokenizer = transformers.BertTokenizer(vocab={w: i for i, w in enumerate(words)})
     tokenizer.save_pretrained(path)
     torch.manual_seed(0)
     tiny_bert(vocab_size=len(words), max_position_embeddings=64).bert.save_pretrained(path)  # the tokenizer's words
     return path
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-bert"))
 
 
 def write_csv(path: Path, rows: list[dict], columns=("package", "text", "label", "split")) -> Path:
@@ -232,7 +235,7 @@ def test_bad_input_is_one_line_and_nonzero(case, tiny_model, tiny_csv, tmp_path,
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("lsrfx: error:") and expected in lines[0], err
     assert not (tmp_path / "out").exists()
-    assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging directory left behind
 
 
 def test_console_script_error_has_no_traceback(tmp_path):

@@ -3,13 +3,19 @@
 The default is the packaged Debian data set (``lsrfx/data/debian_sections_apps.csv``). ``test`` rows are only used
 for the final evaluation; validation comes out of ``train`` (stratified per label, seeded), so nothing is ever tuned
 on test.
+
+The CSV is read as UTF-8 with or without a byte-order mark (spreadsheets' "CSV UTF-8" writes one), and a text field
+may be up to :data:`MAX_FIELD_CHARS` long (the ``csv`` module's own limit, 128 Ki characters, would refuse a long
+document that the tokenizer simply truncates to ``--max-length`` tokens).
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import random
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -17,6 +23,9 @@ from pathlib import Path
 from lsrfx.finetune.errors import FinetuneError
 
 REQUIRED_COLUMNS = ("text", "label", "split")
+# The longest field read, in characters: far beyond any text worth classifying (only the first --max-length tokens are
+# used), small enough that a runaway field cannot take all memory.
+MAX_FIELD_CHARS = 64 * 2**20
 
 
 def default_data_path() -> Path:
@@ -56,7 +65,7 @@ def read_rows(path: Path) -> list[dict[str, str]]:
     if not path.is_file():
         raise FinetuneError(f"data file {str(path)!r} does not exist; pass --data with a CSV (columns text, label, split).")
     try:
-        with path.open(newline="", encoding="utf-8") as f:
+        with path.open(newline="", encoding="utf-8-sig") as f, field_limit(MAX_FIELD_CHARS):
             reader = csv.reader(f, strict=True)
             columns = _next_record(reader, path)[1] or []
             missing = [c for c in REQUIRED_COLUMNS if c not in columns]
@@ -81,6 +90,16 @@ def read_rows(path: Path) -> list[dict[str, str]]:
         raise FinetuneError(f"data file {str(path)!r} is not a readable UTF-8 CSV: {exc}.") from exc
 
 
+@contextlib.contextmanager
+def field_limit(chars: int) -> Iterator[None]:
+    """``csv.field_size_limit(chars)`` inside the block (the limit is process-wide), then the previous limit."""
+    previous = csv.field_size_limit(chars)
+    try:
+        yield
+    finally:
+        csv.field_size_limit(previous)
+
+
 def _next_record(reader, path: Path) -> tuple[int, list[str] | None]:
     """The line the next record of a strict ``csv.reader`` starts on, and the record (``None`` at the end); a CSV
     error names that line."""
@@ -90,6 +109,10 @@ def _next_record(reader, path: Path) -> tuple[int, list[str] | None]:
     except StopIteration:
         return start, None
     except csv.Error as exc:
+        if "field larger than field limit" in str(exc):
+            raise FinetuneError(f"data file {str(path)!r}: record starting at line {start} has a field longer than "
+                                f"{csv.field_size_limit():,} characters, the most lsrfx reads; shorten it (only the "
+                                "first --max-length tokens of a text are used).") from exc
         hint = ("a quote opened in this record is never closed: close it, or double the quotes inside a quoted "
                 "field" if "unexpected end of data" in str(exc) else "quote the field and double the quotes inside it")
         raise FinetuneError(f"data file {str(path)!r} is not valid CSV: record starting at line {start}: {exc} "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ from torch import Tensor, nn
 
 import lsrfx
 from lsrfx.finetune.errors import FinetuneError
-from lsrfx.finetune.model import check_model_dir, default_model_dir, offline, quiet_transformers
+from lsrfx.finetune.model import check_model_dir, default_model_dir, offline, quiet_transformers, unsafe_weights
 from lsrfx.utils import first_line
 
 TESTED_TYPES = ("bert", "roberta", "gpt2", "llama", "t5", "vit")
@@ -68,6 +69,8 @@ def build_model(model_dir: Path | None, model_type: str | None, layers: int | No
         try:
             with quiet_transformers():
                 model = AutoModel.from_pretrained(str(path))
+        except pickle.UnpicklingError as exc:
+            raise unsafe_weights(path, exc) from exc
         except (OSError, ValueError, KeyError) as exc:
             raise FinetuneError(f"cannot load a model from {str(path)!r}: {first_line(exc)}") from exc
     if hasattr(model.config, "use_cache"):

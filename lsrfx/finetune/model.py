@@ -2,12 +2,18 @@
 
 Nothing here acts at import: the offline switches are set, and ``transformers``' logging quieted, only by the
 functions that load a model.
+
+A pickled checkpoint (``pytorch_model.bin``) is loaded by ``transformers`` with ``torch.load(weights_only=True)``,
+which refuses any pickle that would call more than tensor constructors; that refusal is reported by
+:func:`unsafe_weights` as one line naming the file, never with torch's own hint to turn the protection off.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import pickle
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -61,6 +67,38 @@ def check_model_dir(path: Path) -> Path:
     return path
 
 
+def pickled_weights(path: Path) -> list[Path]:
+    """The files of model directory ``path`` that ``transformers`` reads with ``torch.load`` (``*.bin``)."""
+    return sorted(p for p in path.glob("*.bin") if p.is_file())
+
+
+def refused_file(path: Path) -> Path | None:
+    """Which of ``path``'s pickled weight files ``torch.load(weights_only=True)`` refuses (``None``: not known). Only
+    the pickle is read up to the refused call; tensor data is memory-mapped, not loaded."""
+    import torch
+
+    for file in pickled_weights(path):
+        try:
+            torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except pickle.UnpicklingError:
+            return file
+        except Exception:  # another defect of this file (not zip-based, truncated): not the refusal being named
+            continue
+    return None
+
+
+def unsafe_weights(path: Path, exc: pickle.UnpicklingError) -> FinetuneError:
+    """The error for a model directory whose pickled weights hold more than tensors (what a malicious checkpoint
+    does to run code on load): names the file and the call it asks for, and points to safetensors."""
+    file = refused_file(path)
+    where = (f"model weights file {str(file)!r}" if file else
+             f"a pickled weights file of {str(path)!r} ({', '.join(p.name for p in pickled_weights(path))})")
+    call = re.search(r"GLOBAL (\S+)", str(exc))
+    what = f"loading it would call {call.group(1)}" if call else "its pickle holds more than tensors"
+    return FinetuneError(f"{where} refused: it is not a plain weights file ({what}). Use the model's weights as "
+                         "safetensors (model.safetensors, what save_pretrained writes) from a source you trust.")
+
+
 def load_tokenizer(path: Path):
     """The directory's tokenizer."""
     offline()
@@ -89,6 +127,8 @@ def load_classifier(path: Path, label_names: list[str]) -> nn.Module:
                 label2id={n: i for i, n in enumerate(label_names)},
                 problem_type="single_label_classification",
             )
+    except pickle.UnpicklingError as exc:
+        raise unsafe_weights(path, exc) from exc
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise FinetuneError(f"cannot load a sequence classifier from {str(path)!r}: {first_line(exc)}") from exc
     model.config.problem_type = "single_label_classification"

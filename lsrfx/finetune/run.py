@@ -107,9 +107,9 @@ def check_settings(s: FinetuneSettings) -> None:
 def run_finetune(s: FinetuneSettings, log=print) -> dict:
     """Run every (method, seed), write the outputs into ``s.out`` (all or nothing) and return the report."""
     check_settings(s)
-    check_out_dir(Path(s.out), s.overwrite)
     model_dir = check_model_dir(Path(s.model_dir) if s.model_dir else default_model_dir())
     data_path = Path(s.data_path) if s.data_path else default_data_path()
+    check_out_dir(Path(s.out), s.overwrite, {"the --model directory": model_dir, "the --data file": data_path})
     first = load_data(data_path, validation_fraction=s.validation_fraction, seed=s.seeds[0])
     tokenizer = load_tokenizer(model_dir)
     with staged_output(Path(s.out), s.overwrite) as stage:
@@ -174,7 +174,8 @@ def run_one(s: FinetuneSettings, method: str, seed: int, data: TextData, tokeniz
     settings = TrainSettings(s.epochs, s.batch_size, s.adapter_lr(method), s.head_lr, weight_decay=s.weight_decay,
                              warmup=s.warmup, patience=s.patience)
     params = list(adapter_parameters(unwrap(model)).values())
-    history = train(model, params, train_data, val_batches, settings, seed=seed, label=f"{method} s{seed}")
+    history = train(model, params, train_data, val_batches, settings, seed=seed, label=f"{method} s{seed}",
+                    method=method)
     test = evaluate(model, test_batches)  # the kept (best validation) epoch's state, restored by train
     stopped = (f", stopped early after epoch {history.stopped_epoch}" if history.stopped_epoch < s.epochs else "")
     log(f"   kept epoch {history.best_epoch} of {s.epochs}{stopped}: validation accuracy "

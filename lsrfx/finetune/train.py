@@ -5,10 +5,15 @@ Protocol: the learning-rate schedule spans the planned ``epochs``; after every e
 and head) is scored on validation and, if it is the best so far (higher accuracy; on equal accuracy, lower loss),
 copied to the CPU. Training stops early once the best epoch is ``patience`` epochs old (0: never), and the best
 epoch's state is copied back into the model at the end, so the model that is tested and exported is the kept one.
+
+A NaN or infinite loss, gradient norm or validation loss stops training at once with a
+:class:`~lsrfx.finetune.errors.FinetuneError` naming the run, epoch and step: nothing trained after it is usable,
+and running on would only fail later in a less telling place (the effective ranks' SVD, the export's check).
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,6 +24,7 @@ from tqdm.auto import tqdm
 
 from lsrfx.finetune import defaults
 from lsrfx.finetune.batches import Encoded, batches
+from lsrfx.finetune.errors import FinetuneError
 from lsrfx.finetune.evaluate import Scores, evaluate
 
 
@@ -101,11 +107,23 @@ def restore(params: list[nn.Parameter], saved: list[torch.Tensor]) -> None:
             p.copy_(s)
 
 
+def diverged(run: str, what: str, value: float, where: str, settings: TrainSettings) -> FinetuneError:
+    """The error for a non-finite ``what`` (``"training loss"``, ...) at ``where`` (``"epoch 2, step 7"``)."""
+    return FinetuneError(
+        f"{run}: the {what} is {value} at {where}; training stopped there. A run that diverges usually has too high "
+        f"a learning rate: lower --lr (now {settings.lr:g}) or --head-lr (now {settings.head_lr:g}), e.g. by 10x."
+    )
+
+
 def train(model: nn.Module, adapter_params: list[nn.Parameter], data: Encoded,
-          validation: list[dict], settings: TrainSettings, *, seed: int, label: str = "train") -> TrainHistory:
+          validation: list[dict], settings: TrainSettings, *, seed: int, label: str = "train",
+          method: str | None = None) -> TrainHistory:
     """Train ``model`` in place for up to ``settings.epochs`` epochs over ``data``, validate after each, stop early
     after ``settings.patience`` epochs without a better validation score, and leave the best epoch's trainable state
-    (every parameter the optimizer updates: adapters and head) in the model."""
+    (every parameter the optimizer updates: adapters and head) in the model. ``label`` is the progress bar's;
+    ``method`` (with ``seed``) names the run in errors. A non-finite loss or gradient norm raises
+    :class:`FinetuneError` before its step is applied; a non-finite validation loss raises after its epoch."""
+    run = f"method {method!r}, seed {seed}" if method else f"seed {seed}"
     generator = torch.Generator().manual_seed(seed)
     steps_per_epoch = -(-len(data) // settings.batch_size)
     total = steps_per_epoch * settings.epochs
@@ -121,18 +139,26 @@ def train(model: nn.Module, adapter_params: list[nn.Parameter], data: Encoded,
         for epoch in range(1, settings.epochs + 1):
             for batch in batches(data, settings.batch_size, shuffle=True, generator=generator):
                 t0 = time.perf_counter()
+                where = f"epoch {epoch}, step {len(history.losses) + 1}"
                 loss = model(**batch).loss
+                value = loss.item()
+                if not math.isfinite(value):
+                    raise diverged(run, "training loss", value, where, settings)
                 loss.backward()
-                torch.nn.utils.clip_grad_norm_(trainable, settings.max_grad_norm)
+                norm = float(torch.nn.utils.clip_grad_norm_(trainable, settings.max_grad_norm))
+                if not math.isfinite(norm):
+                    raise diverged(run, "training gradient norm", norm, where, settings)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-                value = loss.item()
                 history.step_times.append(time.perf_counter() - t0)
                 history.losses.append(value)
                 bar.set_postfix(epoch=f"{epoch}/{settings.epochs}", loss=f"{value:.3f}", refresh=False)
                 bar.update()
             scores: Scores = evaluate(model, validation)
+            if not math.isfinite(scores.loss):
+                raise diverged(run, "validation loss", scores.loss,
+                               f"epoch {epoch} (after step {len(history.losses)})", settings)
             entry = {"epoch": epoch, "step": len(history.losses), **scores.as_dict()}
             history.validation.append(entry)
             history.stopped_epoch = epoch
