@@ -8,20 +8,12 @@ from typing import Any, TypeVar
 
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
 
-from lsrfx import passes, quantized_base, state_dict_hooks
+from lsrfx import adapted_layer, passes, quantized_base, state_dict_hooks
 from lsrfx.adapters import AdapterConfig, LayerSpec, make_config
 from lsrfx.adapters.base import check_size
 from lsrfx.errors import LsrfxError
-from lsrfx.parametrization import (
-    AdaptedWeight,
-    adapted_layers,
-    adapter_parameters,
-    base_weight,
-    give_private_class,
-    refuse_script,
-)
+from lsrfx.parametrization import AdaptedWeight, adapted_layers, adapter_parameters, base_weight
 from lsrfx.targets import Targets, match_parameter_names, select_targets, weight_is_transposed
 from lsrfx.utils import is_parallel_wrapper, unwrap
 
@@ -124,11 +116,7 @@ def adapt(
         params[n].requires_grad_(False)
     for spec, adapter in zip(specs, adapters, strict=True):
         module = modules[spec.name]
-        quantized = quantized_base.is_quantized(module.weight)
-        parametrize.register_parametrization(module, "weight", AdaptedWeight(adapter, spec.transposed, quantized))
-        type(module).__prepare_scriptable__ = refuse_script  # the class parametrize generated for this module
-        if quantized:
-            quantized_base.install_quantized_forward(module)
+        adapted_layer.install(module, adapter, spec.transposed)
         state_dict_hooks.install_hooks(module)
     with torch.no_grad():
         base_values = {n: params[n].detach().to("cpu", copy=True) for n in trainable_names
@@ -220,7 +208,7 @@ def merge(model: ModelT) -> ModelT:
     _check_merged_finite(layers)
     ties = tied_base_weights(root)
     for _, module, _ in layers:
-        quantized_base.dequantize_base(module)
+        adapted_layer.dequantize_base(module)
     untied = {name: module.weight.detach().clone() for name, module, _ in layers if name in ties}
     remove_adapters(model, fold=True, keep_original=set(untied))
     modules = dict(root.named_modules())
@@ -269,8 +257,7 @@ def remove_adapters(model: nn.Module, *, fold: bool, keep_original: set[str] = f
     root = unwrap(model)
     state = adapt_state(root)
     for name, module, _ in list(adapted_layers(root)):
-        give_private_class(module)  # a deepcopy shares the generated class with its original: never edit it
-        parametrize.remove_parametrizations(module, "weight", leave_parametrized=fold and name not in keep_original)
+        adapted_layer.remove(module, fold=fold and name not in keep_original)
         state_dict_hooks.remove_hooks(module)
     stop_recording(model)
     if state is not None:
@@ -289,7 +276,7 @@ def _check_merged_finite(layers: list[tuple[str, nn.Module, AdaptedWeight]]) -> 
             merged = module.weight
             if merged.is_meta or bool(torch.isfinite(merged).all()):
                 continue
-            w0 = quantized_base.dense(module.parametrizations["weight"].original)
+            w0 = quantized_base.dense(base_weight(module))
             source = "the base weight" if not bool(torch.isfinite(w0).all()) else "the adapter update"
             bad.append(f"'{name}' ({int((~torch.isfinite(merged)).sum())} entries, from {source})")
     if bad:
@@ -333,7 +320,7 @@ def summary(model: nn.Module) -> str:
         shared = "" if len(new) == len(list(param.adapter.parameters())) else " (shared)"
         eff = eff_ranks[name]
         eff_text = f"{eff:.1f}" if not math.isnan(eff) else "-" if spec.device.type == "meta" else "nan"
-        quantized = quantized_base.scheme(module.parametrizations["weight"].original)
+        quantized = quantized_base.scheme(base_weight(module))
         weight = spec.shape_text + (f" ({quantized})" if quantized else "")  # e.g. "384 x 384 (Int8Tensor)"
         rows.append((name, state.config.method, weight, str(param.adapter.rank),
                      f"{sum(p.numel() for p in new):,}{shared}", eff_text))

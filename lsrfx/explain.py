@@ -85,9 +85,9 @@ def explain(model: nn.Module, *example_inputs: Any, graphs: bool = False, **kwar
     captured graph, each adapted node's decision and why, then graph breaks and counts. ``graphs=True`` adds the
     captured graphs before and after the pass, adapted nodes marked. Raises :class:`LsrfxError` when the model's
     forward fails on the inputs."""
+    from lsrfx.adapted_layer import quantized_layers
     from lsrfx.passes.cost_model import MEASURED_RULE, policy
     from lsrfx.passes.fuse import count_actions, fuse_adapted_linears
-    from lsrfx.quantized_base import quantized_layers
     from lsrfx.utils import unwrap
 
     root = unwrap(model)

@@ -1,10 +1,13 @@
-"""The adapter enters a model as a ``torch.nn.utils.parametrize`` parametrization of each target weight.
+"""The adapter enters a model as a ``torch.nn.utils.parametrize`` parametrization of each target weight, and this
+module is the one place that reads an adapted layer's parts (its ``W0``, its adapter, the adapter tensors' names).
 
 ``module.weight`` then reads ``compose(W0, A, B, scale)`` = ``W0 + scale * B @ A``: eager mode is exact by
 construction, adapter tensors are ordinary ``nn.Parameter``s under the module (optimizers, ``state_dict``, ``.to()``,
 DDP/FSDP see them; a CondLoRA pair under the first layer of its group), every op that consumes the weight is
-adapted, and Dynamo traces it into ``linear(x, compose(...))``, the pattern the compile pass fuses. How an adapted
-layer saves and loads (a merged ``weight`` for plain loaders) is :mod:`lsrfx.state_dict_hooks`.
+adapted, and Dynamo traces it into ``linear(x, compose(...))``, the pattern the compile pass fuses. What the layer
+computes in eager mode (the low-rank path that never forms ``W0 + dW``) and how it is installed and removed is
+:mod:`lsrfx.adapted_layer`; how it saves and loads (a merged ``weight`` for plain loaders) is
+:mod:`lsrfx.state_dict_hooks`.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from torch.nn.utils import parametrize
 from lsrfx.adapters.base import Adapter
 from lsrfx.errors import LsrfxError
 from lsrfx.kernels.compose import compose
+from lsrfx.quantized_base import is_quantized
 
 
 class AdaptedWeight(nn.Module):
@@ -108,8 +112,26 @@ def give_private_class(module: nn.Module) -> None:
 
 
 def base_weight(module: nn.Module) -> Tensor:
-    """The frozen ``W0`` of an adapted layer, in the layer's own storage layout."""
+    """The frozen ``W0`` of an adapted layer, in the layer's own storage layout (quantized if the base is)."""
     return module.parametrizations["weight"].original
+
+
+def set_base_weight(module: nn.Module, weight: nn.Parameter) -> None:
+    """Replace an adapted layer's ``W0`` (dequantising a quantized base for merge and export)."""
+    module.parametrizations["weight"].original = weight
+    adapted_weight(module).quantized = is_quantized(weight)
+
+
+def adapter_of(module: nn.Module) -> Adapter:
+    """The adapter of an adapted layer."""
+    return adapted_weight(module).adapter
+
+
+def stored_weight(module: nn.Module) -> Tensor | None:
+    """The tensor a layer stores as its weight: ``W0`` of an adapted layer (never the composed ``W0 + dW``)."""
+    if adapted_weight(module) is not None:
+        return base_weight(module)
+    return module._parameters.get("weight")
 
 
 ADAPTER_INFIX = ".parametrizations.weight.0.adapter."

@@ -5,15 +5,14 @@ whose ``F.linear`` runs torchao's kernel and whose ``dequantize()`` gives the fl
 as the frozen ``W0`` (the base stays quantized in memory; the adapter factors are fp32 master weights) and changes
 how an adapted layer computes, not what it stores:
 
-* **forward**: ``F.linear(x, W0_q, bias) + scale * (x @ A.T) @ B.T``. torchao's kernel computes the base matmul and
-  the low-rank term is added beside it; lsrfx never forms ``W0 + dW`` (torchao's int8 linear itself keeps a
-  dequantised copy of the weight for the input gradient; CondLoRA's factors are functions of ``W0``, so it reads the
-  dequantised weight to form them). :func:`install_quantized_forward` puts this forward on the layer's own
-  class (the one ``parametrize`` generated for it), so eager and ``torch.compile`` run the same code. The compile
-  pass has no ``compose`` node to fuse there (its fused kernels read a dense ``W0``); ``lsrfx.explain`` lists
-  these layers and says so.
+* **forward** (:mod:`lsrfx.adapted_layer`): ``F.linear(x, W0_q, bias) + scale * (x @ A.T) @ B.T``. torchao's
+  kernel computes the base matmul and the low-rank term is added beside it; lsrfx never forms ``W0 + dW``. In eager
+  mode the base's input gradient is formed from the quantized weight in the backward (torchao's own ``F.linear``
+  keeps a dequantised copy of the weight alive for it); CondLoRA's factors are functions of ``W0``, so it reads the
+  dequantised weight to form them, on the spot. The compile pass has no ``compose`` node to fuse there (its fused
+  kernels read a dense ``W0``); ``lsrfx.explain`` lists these layers and says so.
 * **``module.weight``** (what ``state_dict``'s merged ``weight`` and ``merge`` read): ``dequantize(W0) + dW``.
-* **merge / export** (:func:`dequantize_base`): the adapted layers are folded into the *dequantised* weight and the
+* **merge / export** (:func:`lsrfx.adapted_layer.dequantize_base`): the adapted layers are folded into the *dequantised* weight and the
   merged model is a float model in the base's float dtype (exact: ``W0_deq + dW``, the weights the adapted model
   computed with). lsrfx does not re-quantise, because re-quantising adds an error of up to half a quantisation
   step per weight (int8 per-row symmetric: ``max|row| / 254``) on top of the adapter; a user who serves int8 calls
@@ -26,12 +25,14 @@ relies on; any other torchao tensor subclass is refused by ``adapt`` with the la
 
 from __future__ import annotations
 
-import torch.nn.functional as F
-from torch import Tensor, nn
-from torch.nn.utils import parametrize
+from typing import TYPE_CHECKING
 
-from lsrfx.adapters.base import LayerSpec
+from torch import Tensor, nn
+
 from lsrfx.errors import LsrfxError
+
+if TYPE_CHECKING:
+    from lsrfx.adapters.base import LayerSpec
 
 # torchao weight tensor classes lsrfx adapts over, with the config that produces each (torchao >= 0.14 names).
 SCHEMES: dict[str, str] = {
@@ -87,74 +88,6 @@ def check_quantized_base(spec: LayerSpec, weight: Tensor) -> None:
             f"layer '{spec.name}' is a transposed (Conv1D-style) layer with a quantized weight ({name}); lsrfx adapts "
             "quantized nn.Linear layers only. Leave it out of `targets`."
         )
-
-
-def adapted_quantized_forward(self: nn.Linear, x: Tensor) -> Tensor:
-    """``F.linear(x, W0_q, bias) + scale * (x @ A.T) @ B.T``: torchao's kernel for the base, the low-rank term
-    beside it, in the factors' dtype, cast to the output's once (as ``compose`` casts ``dW``)."""
-    weights = self.parametrizations["weight"]
-    w0 = weights.original
-    adapter = weights[0].adapter
-    a, b = adapter.factors(w0.dequantize() if adapter.reads_base_weight else w0)
-    out = F.linear(x, w0, self.bias)
-    delta = F.linear(F.linear(x.to(a.dtype), a), b)
-    return out + (delta * adapter.scale).to(out.dtype)
-
-
-def install_quantized_forward(module: nn.Module) -> None:
-    """Give an adapted layer with a quantized ``W0`` the forward above, on its own (``parametrize``-generated) class."""
-    type(module).forward = adapted_quantized_forward
-
-
-def has_quantized_forward(module: nn.Module) -> bool:
-    return type(module).__dict__.get("forward") is adapted_quantized_forward
-
-
-def dequantize_base(module: nn.Module) -> None:
-    """Replace a layer's quantized weight by its dequantised float weight, in place (merge and export).
-
-    On an adapted layer the frozen ``W0`` is replaced and the layer goes back to its class's own forward (which reads
-    ``W0 + dW`` through the parametrization); on a plain quantized layer ``weight`` itself is replaced. The new
-    weight is frozen, as the quantized one was.
-    """
-    from lsrfx.parametrization import adapted_weight, give_private_class
-
-    if adapted_weight(module) is not None:
-        weights = module.parametrizations["weight"]
-        if is_quantized(weights.original):
-            weights.original = nn.Parameter(weights.original.dequantize().detach().clone(), requires_grad=False)
-            weights[0].quantized = False
-        if has_quantized_forward(module):
-            give_private_class(module)  # a deep copy shares the generated class: never edit the original's
-            del type(module).forward
-    elif is_quantized(module._parameters.get("weight")):
-        module.weight = nn.Parameter(module.weight.dequantize().detach().clone(), requires_grad=False)
-
-
-def stored_weight(module: nn.Module) -> Tensor | None:
-    """The tensor a layer stores as its weight: ``W0`` of an adapted layer (never the composed ``W0 + dW``)."""
-    if parametrize.is_parametrized(module, "weight"):
-        return module.parametrizations["weight"].original
-    return module._parameters.get("weight")
-
-
-def dequantize_all(model: nn.Module) -> int:
-    """:func:`dequantize_base` on every layer of ``model`` with a quantized weight; returns how many changed."""
-    changed = 0
-    for module in model.modules():
-        weight = stored_weight(module)
-        if weight is not None and is_quantized(weight):
-            dequantize_base(module)
-            changed += 1
-    return changed
-
-
-def quantized_layers(model: nn.Module) -> dict[str, str]:
-    """Adapted layers whose ``W0`` is quantized, by name, with their scheme (for ``explain`` and ``summary``)."""
-    from lsrfx.parametrization import adapted_layers
-
-    return {name: scheme(module.parametrizations["weight"].original) or "" for name, module, _ in adapted_layers(model)
-            if is_quantized(module.parametrizations["weight"].original)}
 
 
 def tensor_bytes(t: Tensor) -> int:

@@ -184,8 +184,8 @@ def test_adapt_train_merge_reload(arch: str, method: str, tmp_path) -> None:
         want_other = eager_outputs(compiled, other)
         assert max_abs_diff(ort_outputs(report.path, other), want_other) <= ort_tolerance(want_other)
     else:
-        merged = lsrfx.merge(independent_copy(compiled))
-        assert max_abs_diff(eager_outputs(merged, inputs), want) <= 1e-5
+        merged = lsrfx.merge(independent_copy(compiled))  # W0 + dW, which the adapted layers never formed
+        assert max_abs_diff(eager_outputs(merged, inputs), want) <= 1e-5 * max(1.0, *(abs(w).max() for w in want))
 
     lsrfx.save_adapters(compiled, tmp_path / "adapters")
     fresh, _ = build(arch)

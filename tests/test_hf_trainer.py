@@ -128,11 +128,17 @@ def test_resume_from_checkpoint_ends_like_the_uninterrupted_run(run: dict) -> No
     assert any(not torch.equal(at_resume[n], v) for n, v in run["final"].items()), "nothing trained after resume"
 
 
+def assert_merged_equal(merged: torch.Tensor, adapted: torch.Tensor) -> None:
+    """A merged weight ``W0 + dW`` gives the adapted model's logits up to float rounding: the adapted layers compute
+    ``x @ W0.T + s (x A^T) B^T`` and never form ``W0 + dW``."""
+    torch.testing.assert_close(merged, adapted, rtol=1e-5, atol=1e-6)
+
+
 def test_from_pretrained_of_saved_model_reproduces_trained_logits(run: dict, base_dir: Path) -> None:
     loaded, info = AutoModelForSequenceClassification.from_pretrained(run["out"] / "final", output_loading_info=True)
     assert not info["missing_keys"] and not info["mismatched_keys"]  # before: query/value weights re-initialised
     assert info["unexpected_keys"] and all(".parametrizations.weight." in k for k in info["unexpected_keys"])
-    assert torch.equal(logits(loaded), run["logits"])
+    assert_merged_equal(logits(loaded), run["logits"])
     assert not torch.allclose(logits(base_model(base_dir)), run["logits"], atol=1e-3), "training changed nothing"
 
 
@@ -141,8 +147,8 @@ def test_merged_save_pretrained_is_a_plain_checkpoint(run: dict, base_dir: Path)
     assert not any("parametrizations" in k for k in saved)
     loaded, info = AutoModelForSequenceClassification.from_pretrained(run["out"] / "merged", output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
-    assert torch.equal(logits(loaded), run["logits"])
-    assert torch.equal(run["merged_logits"], run["logits"])
+    assert_merged_equal(logits(loaded), run["logits"])
+    assert_merged_equal(run["merged_logits"], run["logits"])
 
 
 def test_adapters_only_round_trip(run: dict, base_dir: Path) -> None:

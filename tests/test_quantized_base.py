@@ -15,7 +15,7 @@ from torch import nn
 from torch._dynamo.utils import counters
 
 import lsrfx
-from lsrfx import quantized_base
+from lsrfx import adapted_layer, quantized_base
 from lsrfx.errors import LsrfxError
 from lsrfx.parametrization import adapter_parameters
 from lsrfx.utils import unwrap
@@ -74,7 +74,7 @@ def test_training_over_int8_base_moves_only_adapters(arch: str, method: str) -> 
     q_before = quantized_state(model)
     assert q_before
     lsrfx.adapt(model, method=method, targets=TARGETS[arch], **TINY_OPTIONS[method])
-    assert set(quantized_base.quantized_layers(model)) == set(lsrfx.api.adapt_state(model).layers)
+    assert set(adapted_layer.quantized_layers(model)) == set(lsrfx.api.adapt_state(model).layers)
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     assert set(trainable) == set(adapter_parameters(model))  # only adapters train
     frozen_before = {n: p.detach().clone() for n, p in model.named_parameters()

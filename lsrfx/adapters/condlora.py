@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from lsrfx.adapters.base import Adapter, LayerSpec, RankConfig
 from lsrfx.errors import LsrfxError
+from lsrfx.quantized_base import dense
 
 
 @dataclass
@@ -47,6 +48,25 @@ class CondLoRAConfig(RankConfig):
     def parameter_count(self, spec: LayerSpec) -> int:
         """The group's shared pair: ``C_A`` (``r x d_in``, or ``r x d_out`` when non-square) and ``C_B``."""
         return self.r * (spec.d_in + (spec.d_in if spec.d_in == spec.d_out else spec.d_out))
+
+
+class FrozenProduct(torch.autograd.Function):
+    """``C @ W0.T`` (``transpose=True``) or ``C @ W0`` for a frozen ``W0``, in ``C``'s dtype. ``W0`` is converted
+    (cast from a half-precision base, dequantised from a quantized one) on the spot in the forward and again in the
+    backward, so autograd keeps ``W0`` itself, never a converted full-size copy of it, from forward to backward."""
+
+    @staticmethod
+    def forward(ctx, c: Tensor, w0: Tensor, transpose: bool) -> Tensor:
+        ctx.save_for_backward(w0)
+        ctx.transpose = transpose
+        w = dense(w0).to(c.dtype)
+        return c @ (w.t() if transpose else w)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
+        (w0,) = ctx.saved_tensors
+        w = dense(w0).to(grad.dtype)
+        return grad @ (w if ctx.transpose else w.t()), None, None
 
 
 def group_name(layer_name: str) -> str:
@@ -107,15 +127,17 @@ class CondLoRAAdapter(Adapter):
             yield from self.pair.named_parameters(f"{prefix}.pair" if prefix else "pair", True, remove_duplicate)
 
     def factors(self, w0: Tensor) -> tuple[Tensor, Tensor]:
-        if not torch.compiler.is_compiling() and hasattr(self.pair.C_A, "device_mesh") != hasattr(w0, "device_mesh"):
+        if torch.compiler.is_compiling():  # the form the compile pass rewrites (W0 arrives dequantised here)
+            w = w0.detach().to(self.pair.C_A.dtype)  # W0 is frozen: gradients flow to C_A, C_B only
+            return self.pair.C_A @ (w.t() if self.pair.square else w), w @ self.pair.C_B.t()
+        if hasattr(self.pair.C_A, "device_mesh") != hasattr(w0, "device_mesh"):
             raise LsrfxError(
                 f"condlora: the conversion pair registered under '{self.pair.owner}' is sharded differently from a "
                 f"{self.d_out} x {self.d_in} weight of its group (one is a DTensor): under FSDP2 every layer of a "
                 "group must be in the pair's fully_shard unit; call fully_shard on the root only, or use DDP."
             )
-        w = w0.detach().to(self.pair.C_A.dtype)  # W0 is frozen: gradients flow to C_A, C_B only
-        a = self.pair.C_A @ (w.t() if self.pair.square else w)
-        b = w @ self.pair.C_B.t()
+        a = FrozenProduct.apply(self.pair.C_A, w0, self.pair.square)  # W0 is frozen: no gradient reaches it
+        b = FrozenProduct.apply(self.pair.C_B, w0, True).t()
         return a, b
 
     def extra_repr(self) -> str:

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from lsrfx import atomic_files
+from lsrfx.adapted_layer import dequantize_all
 from lsrfx.api import merge as merge_adapters
 from lsrfx.api import tied_base_weights
 from lsrfx.errors import LsrfxError
@@ -37,7 +38,6 @@ from lsrfx.export import verify as ver
 from lsrfx.export.adapters_io import check_finite_tensors
 from lsrfx.export.clone import independent_copy
 from lsrfx.parametrization import adapter_parameters
-from lsrfx.quantized_base import dequantize_all
 from lsrfx.utils import first_line, quiet_logger, unwrap
 
 # Logs the exporter's registry warnings about optional torchvision ops, which lsrfx never uses.

@@ -1,0 +1,216 @@
+"""Training-step time and memory kept for backward: every lsrfx method against the frozen base and peft's LoRA.
+
+Setups (``--setup``):
+
+* ``llama``: a Llama from a config (hidden ``--hidden``, default 1024; intermediate 2.75 x hidden; ``--layers``,
+  default 4; 16 heads, 4 key/value heads), every linear layer of every block adapted (``q k v o gate up down``),
+  batch ``--batch x --seq`` (default 2 x 128) of token ids, causal-LM loss: the standard LLM recipe;
+* ``bert``: MiniLM-size BERT (hidden 384, 6 layers, intermediate 1536, 12 heads), ``query`` and ``value`` adapted,
+  a classification head trained, batch 16 x 128.
+
+Variants: ``floor`` (no adapter: the frozen base with the input gradient still computed, the least any adapter can
+cost), ``peft`` (peft LoRA r = 8, alpha 8), and ``lora``, ``lsr``, ``condlora``, ``genlora`` (lsrfx's defaults but
+LoRA r = 8, alpha 8). ``--mode eager`` runs them eagerly (lsrfx's low-rank path); ``--formed`` adds each method
+through the formed weight ``linear(x, W0 + dW)`` (``lsrfx.adapted_layer.formed_weight_path``: what lsrfx ran
+before the low-rank path); ``--mode compiled`` runs every variant under ``torch.compile`` in this one process
+(Dynamo's recompile limit raised, or variants past the eighth would silently run eager).
+
+What is measured:
+
+* **median ms**: one step (forward, backward, AdamW), ``perf_counter``, median over ``--rounds`` rounds; each
+  round runs every variant once, the first variant rotating; ``--warmup`` untimed steps per variant first.
+  torch's default thread count (what users get) unless ``--threads``.
+* **x peft**, **x floor**: that median over peft's / the floor's from the same run.
+* **kept MB**: bytes of the distinct tensor storages autograd saves for the backward, the model's parameters
+  excluded (``torch.autograd.graph.saved_tensors_hooks``, one step, eager mode only).
+* **peak RSS MB** (``--peak``): each variant in a fresh process (``--only KEY``), ``ru_maxrss`` after the warm-up
+  and timed steps; the same process's RSS before the first step is subtracted.
+
+Load average is printed before and after; above 1.5 the timings mean nothing (run nothing else beside it).
+
+    python bench/eager.py --setup llama --rounds 5 --warmup 2                 # eager, Llama all-seven at 1024
+    python bench/eager.py --setup llama --rounds 5 --formed                   # plus the old formed-weight path
+    python bench/eager.py --setup bert --rounds 5
+    python bench/eager.py --setup llama --mode compiled --rounds 5
+    python bench/eager.py --setup llama --peak                                # peak RSS, one process per variant
+    python bench/eager.py --setup llama --hidden 64 --layers 1 --seq 8 --rounds 1 --warmup 1   # smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+
+import torch
+from torch import nn
+
+import lsrfx
+from lsrfx.adapted_layer import formed_weight_path
+
+LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+BERT_TARGETS = ["query", "value"]
+METHOD_OPTIONS = {"lora": dict(r=8, alpha=8.0), "lsr": {}, "condlora": dict(r=8), "genlora": {}}
+LOAD_LIMIT = 1.5
+
+
+def build(setup: str, args: argparse.Namespace) -> tuple[nn.Module, dict, list[str]]:
+    torch.manual_seed(0)
+    if setup == "llama":
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        h = args.hidden
+        cfg = LlamaConfig(vocab_size=1024, hidden_size=h, intermediate_size=int(2.75 * h) // 8 * 8,
+                          num_hidden_layers=args.layers, num_attention_heads=max(1, h // 64),
+                          num_key_value_heads=max(1, h // 256), max_position_embeddings=4096,
+                          attn_implementation="sdpa")
+        model = LlamaForCausalLM(cfg)
+        ids = torch.randint(0, 1024, (args.batch, args.seq))
+        return model, {"input_ids": ids, "labels": ids}, LLAMA_TARGETS
+    from transformers import BertConfig, BertForSequenceClassification
+
+    cfg = BertConfig(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536,
+                     num_labels=8, problem_type="single_label_classification")
+    model = BertForSequenceClassification(cfg)
+    ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq))
+    return model, {"input_ids": ids, "labels": torch.randint(0, 8, (args.batch,))}, BERT_TARGETS
+
+
+def make_variant(key: str, setup: str, args: argparse.Namespace) -> tuple[nn.Module, dict, Callable]:
+    """``(model, batch, context)``: the variant's model ready to train and the context each step runs in."""
+    model, batch, targets = build(setup, args)
+    head = ["classifier"] if setup == "bert" else []
+    method = key.removesuffix("-formed")
+    if key == "floor":
+        for name, p in model.named_parameters():
+            p.requires_grad_(any(name.startswith(h) for h in head))
+        embeddings = model.get_input_embeddings()
+        embeddings.weight.requires_grad_(True)  # the input gradient flows through every layer, as with adapters
+    elif key == "peft":
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=8, lora_dropout=0.0, target_modules=targets,
+                                                 modules_to_save=head or None))
+    else:
+        model = lsrfx.adapt(model, method=method, targets=targets, trainable=head, **METHOD_OPTIONS[method])
+    model.train()
+    if args.mode == "compiled":
+        model = torch.compile(model)
+    context = formed_weight_path if key.endswith("-formed") else nullcontext
+    return model, batch, context
+
+
+def step_fn(model: nn.Module, batch: dict, context: Callable) -> Callable[[], None]:
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+    def step() -> None:
+        with context():
+            loss = model(**batch).loss
+            loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def kept_bytes(model: nn.Module, batch: dict, context: Callable) -> int:
+    params = {p.untyped_storage().data_ptr() for p in model.parameters() if type(p) in (torch.Tensor, nn.Parameter)}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if type(t) is torch.Tensor:
+            storage = t.untyped_storage()
+            if storage.data_ptr() not in params:
+                seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with context(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(**batch).loss.backward()
+    model.zero_grad(set_to_none=True)
+    return sum(seen.values())
+
+
+def rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def peak_one(key: str, args: argparse.Namespace) -> None:
+    """Child mode: one variant, warm-up and timed steps, then print its peak RSS growth."""
+    model, batch, context = make_variant(key, args.setup, args)
+    before = rss_mb()
+    step = step_fn(model, batch, context)
+    for _ in range(args.warmup + args.rounds):
+        step()
+    print(f"PEAK {key} {rss_mb() - before:.1f}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--setup", choices=["llama", "bert"], default="llama")
+    p.add_argument("--mode", choices=["eager", "compiled"], default="eager")
+    p.add_argument("--hidden", type=int, default=1024)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--batch", type=int, default=None)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--methods", nargs="+", default=list(METHOD_OPTIONS))
+    p.add_argument("--formed", action="store_true", help="add each method through the formed weight")
+    p.add_argument("--peak", action="store_true", help="peak RSS per variant, one fresh process each")
+    p.add_argument("--only", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    args.batch = args.batch or (2 if args.setup == "llama" else 16)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    keys = ["floor", "peft", *args.methods] + ([f"{m}-formed" for m in args.methods] if args.formed else [])
+    if args.only:
+        peak_one(args.only, args)
+        return
+    print(f"{args.setup} ({args.mode}), batch {args.batch} x {args.seq}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.2f} before")
+    if args.peak:
+        rows = []
+        for key in keys:
+            cmd = [sys.executable, __file__, "--only", key, *sys.argv[1:]]
+            out = subprocess.run([c for c in cmd if c != "--peak"], capture_output=True, text=True, check=True)
+            rows.append((key, float(out.stdout.split("PEAK")[-1].split()[1])))
+        base = dict(rows)["peft"]
+        for key, mb in rows:
+            print(f"{key:18s} peak RSS +{mb:8.1f} MB  x peft {mb / base:.2f}")
+        print(f"load average {os.getloadavg()[0]:.2f} after")
+        return
+    if args.mode == "compiled":
+        torch._dynamo.config.recompile_limit = 64
+        torch._dynamo.config.cache_size_limit = 64
+    variants = {k: make_variant(k, args.setup, args) for k in keys}
+    kept = {k: kept_bytes(*v) / 2**20 for k, v in variants.items()} if args.mode == "eager" else {}
+    steps = {k: step_fn(*v) for k, v in variants.items()}
+    for step in steps.values():
+        for _ in range(args.warmup):
+            step()
+    times: dict[str, list[float]] = {k: [] for k in keys}
+    for r in range(args.rounds):
+        order = keys[r % len(keys):] + keys[: r % len(keys)]
+        for k in order:
+            t0 = time.perf_counter()
+            steps[k]()
+            times[k].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) * 1000 for k, v in times.items()}
+    print(f"{'variant':18s} {'median ms':>10s} {'x peft':>7s} {'x floor':>8s} {'kept MB':>8s} {'x peft':>7s}")
+    for k in keys:
+        mem = (f"{kept[k]:8.1f} {kept[k] / kept['peft']:7.2f}" if kept else "")
+        print(f"{k:18s} {med[k]:10.1f} {med[k] / med['peft']:7.2f} {med[k] / med['floor']:8.2f} {mem}")
+    after = os.getloadavg()[0]
+    print(f"load average {after:.2f} after" + ("  (above 1.5: these timings mean nothing)" if after > LOAD_LIMIT
+                                                else ""))
+
+
+if __name__ == "__main__":
+    main()
