@@ -33,16 +33,20 @@ _LAZY: dict[str, str] = {
     "LSRConfig": "lsrfx.adapters",
     "LoRAConfig": "lsrfx.adapters",
     "adapt": "lsrfx.api",
+    "compile_blocks": "lsrfx.regional",
     "count_parameters": "lsrfx.api",
     "merge": "lsrfx.api",
     "summary": "lsrfx.api",
+    "use_adapters": "lsrfx.serving",
+    "delete_adapters": "lsrfx.serving",
     "load_adapters": "lsrfx.export",
+    "loaded_adapters": "lsrfx.serving",
     "merge_and_export": "lsrfx.export",
     "save_adapters": "lsrfx.export",
 }
 # Subpackages reachable as attributes after a bare ``import lsrfx`` (e.g. ``lsrfx.passes.install()``).
-_SUBMODULES = frozenset({"adapters", "api", "cli", "export", "finetune", "kernels", "parametrization", "passes",
-                         "targets", "utils"})
+_SUBMODULES = frozenset({"adapted_layer", "adapters", "api", "cli", "export", "finetune", "kernels",
+                         "parametrization", "passes", "serving", "targets", "utils"})
 
 __all__ = [
     "METHODS",
@@ -53,12 +57,15 @@ __all__ = [
     "LsrfxError",
     "adapt",
     "count_parameters",
+    "delete_adapters",
     "explain",
     "load_adapters",
+    "loaded_adapters",
     "merge",
     "merge_and_export",
     "save_adapters",
     "summary",
+    "use_adapters",
     "__version__",
 ]
 
@@ -66,6 +73,7 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real objects
     from lsrfx.adapters import METHODS, CondLoRAConfig, GenLoRAConfig, LoRAConfig, LSRConfig
     from lsrfx.api import adapt, count_parameters, merge, summary
     from lsrfx.export import load_adapters, merge_and_export, save_adapters
+    from lsrfx.serving import delete_adapters, loaded_adapters, use_adapters
 
 
 def __getattr__(name: str) -> Any:

@@ -32,6 +32,8 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from lsrfx.adapters.base import Adapter
+from lsrfx.factor_cache import factors
+from lsrfx.kernels.compose import compose
 from lsrfx.parametrization import (
     AdaptedWeight,
     adapted_layers,
@@ -43,6 +45,7 @@ from lsrfx.parametrization import (
     stored_weight,
 )
 from lsrfx.quantized_base import dense, is_quantized, scheme
+from lsrfx.serving import active_rows, rows_delta
 
 # --- install and remove -------------------------------------------------------------------------------------
 
@@ -124,19 +127,36 @@ def formed_weight_path() -> Iterator[None]:
 def adapted_forward(self: nn.Module, x: Tensor) -> Tensor:
     """The forward of every adapted ``nn.Linear`` / ``Conv1D`` (see the module docstring)."""
     param = self.parametrizations["weight"][0]
+    rows = active_rows()
+    if rows is not None:  # one adapter set per batch row (lsrfx.serving)
+        out = base_output(self, param, x)
+        return out + rows_delta(param, x, rows).to(out.dtype)
     if torch.compiler.is_compiling():
         if param.quantized:
             return quantized_compiled_forward(self, param, x)
+        if not torch.is_grad_enabled() and "lsrfx_A" in param._buffers:
+            return formed_forward(self, param, x, param.lsrfx_A, param.lsrfx_B)
         return type(self).__mro__[1].forward(self, x)  # linear(x, compose(...)): the pattern the pass fuses
     if getattr(_local, "formed", False):
         return type(self).__mro__[1].forward(self, x)
     return lowrank_forward(self, param, x)
 
 
+def formed_forward(module: nn.Module, param: AdaptedWeight, x: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """The layer's own computation on ``compose(W0, A, B)`` for given factors: under ``torch.compile`` without
+    gradients, the factors kept for inference (refreshed before the call, outside the graph), so a decoding step
+    does not form them again; the pass fuses the layer as usual."""
+    w = compose(base_weight(module), a, b, param.adapter.scale, param.transposed)
+    if param.transposed:  # GPT-2 Conv1D: addmm(bias, x, W) with W stored (in, out)
+        out = torch.addmm(module.bias, x.reshape(-1, x.shape[-1]), w)
+        return out.reshape(*x.shape[:-1], out.shape[-1])
+    return F.linear(x, w, module.bias)
+
+
 def base_output(module: nn.Module, param: AdaptedWeight, x: Tensor) -> Tensor:
     """``x @ W0.T + bias`` in the layer's layout (``Conv1D`` stores ``W0`` as ``(in, out)``)."""
-    w0 = module.parametrizations["weight"].original
-    if param.quantized:
+    w0 = base_weight(module)
+    if param.quantized and not torch.compiler.is_compiling():
         return FrozenLinear.apply(x, w0, module.bias)
     return F.linear(x, w0.t() if param.transposed else w0, module.bias)
 
@@ -147,50 +167,9 @@ def lowrank_forward(module: nn.Module, param: AdaptedWeight, x: Tensor) -> Tenso
     dtype (fp32 master factors under a half-precision base) and cast once, as ``compose`` casts ``dW``; under
     autocast the matmuls take autocast's dtype like any linear layer's."""
     out = base_output(module, param, x)
-    a, b = factors(module, param, x.device.type)
+    a, b = factors(module, param)
     delta = F.linear(F.linear(x.to(a.dtype), a), b)
     return out + (delta * param.adapter.scale).to(out.dtype)
-
-
-def factors(module: nn.Module, param: AdaptedWeight, device: str = "cpu") -> tuple[Tensor, Tensor]:
-    """``(A, B)`` of a layer, computed outside autocast (as ``compose`` computes them). Without gradients they are
-    kept and reused while no adapter tensor (nor ``W0``, which CondLoRA reads) changed: in-place updates (the
-    optimizer's, ``load_adapters``') bump a tensor's version, which is part of the key."""
-    if torch.is_grad_enabled():
-        return _factors(module, param, device)
-    key = _cache_key(module, param)
-    cached = param.__dict__.get("_lsrfx_factors")
-    if cached is not None and cached[0] == key:
-        return cached[1], cached[2]
-    a, b = _factors(module, param, device)
-    param.__dict__["_lsrfx_factors"] = (key, a, b)
-    return a, b
-
-
-def _cache_key(module: nn.Module, param: AdaptedWeight) -> tuple:
-    key: list = [torch.is_inference_mode_enabled()]
-    for t in param.adapter.parameters():
-        key.append((id(t), t.data_ptr(), t._version, t.dtype, t.device))
-    if param.adapter.reads_base_weight:
-        w0 = base_weight(module)
-        key.append((id(w0), w0._version))
-    return tuple(key)
-
-
-def _factors(module: nn.Module, param: AdaptedWeight, device: str) -> tuple[Tensor, Tensor]:
-    w0 = base_weight(module)
-    w0 = w0.t() if param.transposed else w0  # the adapter sees W0 as d_out x d_in
-    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
-        with torch.autocast(device, enabled=False):
-            return param.adapter.factors(w0)
-    return param.adapter.factors(w0)
-
-
-def clear_factor_cache(model: nn.Module) -> None:
-    """Forget the factors kept for inference. Needed only after changing adapter tensors without an in-place op
-    that PyTorch counts (e.g. through ``.data``)."""
-    for _, _, param in adapted_layers(model):
-        param.__dict__.pop("_lsrfx_factors", None)
 
 
 def quantized_compiled_forward(module: nn.Module, param: AdaptedWeight, x: Tensor) -> Tensor:

@@ -9,12 +9,12 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
-from lsrfx import adapted_layer, passes, quantized_base, state_dict_hooks
+from lsrfx import adapted_layer, passes, quantized_base, serving, state_dict_hooks
 from lsrfx.adapters import AdapterConfig, LayerSpec, make_config
 from lsrfx.adapters.base import check_size
 from lsrfx.errors import LsrfxError
 from lsrfx.parametrization import AdaptedWeight, adapted_layers, adapter_parameters, base_weight
-from lsrfx.targets import Targets, match_parameter_names, select_targets, weight_is_transposed
+from lsrfx.targets import Targets, layer_spec, match_parameter_names, select_targets
 from lsrfx.utils import is_parallel_wrapper, unwrap
 
 log = logging.getLogger("lsrfx")
@@ -43,14 +43,6 @@ class AdaptState:
 def adapt_state(model: nn.Module) -> AdaptState | None:
     """The :class:`AdaptState` of an adapted model (plain or compiled), ``None`` if it is not adapted."""
     return getattr(unwrap(model), STATE_ATTR, None)
-
-
-def layer_spec(name: str, module: nn.Module) -> LayerSpec:
-    """The :class:`LayerSpec` of an adaptable layer (``nn.Linear`` or GPT-2's ``Conv1D``) in ``d_out x d_in`` terms."""
-    transposed = bool(weight_is_transposed(module))
-    w = module.weight
-    d_out, d_in = (w.shape[1], w.shape[0]) if transposed else tuple(w.shape)
-    return LayerSpec(name, d_out, d_in, transposed, w.dtype, w.device)
 
 
 def adapt(
@@ -124,6 +116,7 @@ def adapt(
     state = AdaptState(config, names, trainable_names, targets, frozen, base_values)
     object.__setattr__(root, STATE_ATTR, state)
     start_recording(model)
+    serving.install_hooks(model)
     passes.install()
     n_adapter = sum(p.numel() for p in adapter_parameters(root).values())
     log.info("lsrfx: adapted %d layers with %s (%s trainable adapter parameters): %s",
@@ -260,6 +253,8 @@ def remove_adapters(model: nn.Module, *, fold: bool, keep_original: set[str] = f
         adapted_layer.remove(module, fold=fold and name not in keep_original)
         state_dict_hooks.remove_hooks(module)
     stop_recording(model)
+    serving.remove_hooks(model)
+    serving.forget(root)
     if state is not None:
         params = dict(root.named_parameters())
         for n in state.frozen:

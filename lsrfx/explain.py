@@ -37,8 +37,14 @@ def _capture(model: nn.Module, args: tuple, kwargs: dict) -> tuple[list[fx.Graph
         return gm.forward
 
     before = dict(counters["graph_break"])
+    # Dynamo compiles a frame at most recompile_limit times per process; models compiled before in this process
+    # (a notebook, a test session) may have used that up for the frames of a transformers model, and Dynamo would
+    # then run this capture eagerly and show no graph. The capture's own entries are beyond that limit.
+    limits = {name: getattr(torch._dynamo.config, name) + 64 for name in ("recompile_limit", "cache_size_limit")
+              if hasattr(torch._dynamo.config, name)}
     try:
-        torch.compile(model, backend=backend)(*args, **kwargs)
+        with torch._dynamo.config.patch(limits):
+            torch.compile(model, backend=backend)(*args, **kwargs)
     except Exception as exc:  # the model's own error on these inputs, not an lsrfx failure: say so in one line
         raise LsrfxError(
             f"lsrfx.explain: {type(model).__name__}.forward failed on the example inputs ({_describe(args, kwargs)}): "

@@ -99,6 +99,12 @@ def tensor_bytes(t: Tensor) -> int:
 
 
 def storage_bytes(model: nn.Module) -> int:
-    """Bytes of the model's parameters and buffers (each tensor once), quantized ones by their real storage."""
-    unique = {id(t): t for t in (*model.parameters(), *model.buffers())}
-    return sum(tensor_bytes(t) for t in unique.values())
+    """Bytes of the model's parameters and persistent buffers (each tensor once), quantized ones by their real
+    storage. Non-persistent buffers are derived data (e.g. the adapter factors lsrfx keeps for inference) that a
+    checkpoint does not hold."""
+    tensors = {id(p): p for p in model.parameters()}
+    for module in model.modules():
+        for name, buffer in module._buffers.items():
+            if buffer is not None and name not in module._non_persistent_buffers_set:
+                tensors.setdefault(id(buffer), buffer)
+    return sum(tensor_bytes(t) for t in tensors.values())

@@ -1,7 +1,8 @@
 """Finding the linear-like layers of a model and choosing which to adapt (``targets``, as peft's ``target_modules``).
 
 ``targets`` may be a list of module-name suffixes (``["query", "value"]`` matches ``...attention.self.query``), a
-single string, or a predicate ``(name, module) -> bool``. A string is read as one suffix first (``"query"``, as
+single string, ``"all-linear"`` (peft's meaning: every linear layer except the output head: a ``transformers``
+model's output embeddings, else a classification head), or a predicate ``(name, module) -> bool``. A string is read as one suffix first (``"query"``, as
 ``["query"]``: the layers whose name equals it or ends with ``"." + it``); only when no layer has that suffix is it
 read as a regular expression matched against the whole name (``re.fullmatch``, e.g.
 ``".*attention.*(query|value)"``). An error for a string says how it was read. The default adapts the attention
@@ -18,8 +19,11 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Union
 
 from torch import nn
+from torch.nn.utils import parametrize
 
+from lsrfx.adapters.base import LayerSpec
 from lsrfx.errors import LsrfxError
+from lsrfx.parametrization import stored_weight
 
 Targets = Union[str, Sequence[str], Callable[[str, nn.Module], bool], None]  # noqa: UP007 (a runtime alias)
 
@@ -36,9 +40,18 @@ def weight_is_transposed(module: nn.Module) -> bool | None:
     ``None`` for anything lsrfx does not adapt."""
     if isinstance(module, nn.Linear):
         return False
-    if type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None:
+    cls = parametrize.type_before_parametrizations(module)  # an adapted Conv1D's class is ParametrizedConv1D
+    if cls.__name__ == "Conv1D" and hasattr(module, "nf") and stored_weight(module) is not None:
         return True
     return None
+
+
+def layer_spec(name: str, module: nn.Module) -> LayerSpec:
+    """The :class:`LayerSpec` of an adaptable layer (``nn.Linear`` or GPT-2's ``Conv1D``) in ``d_out x d_in`` terms."""
+    transposed = bool(weight_is_transposed(module))
+    w = stored_weight(module)  # an adapted layer's W0: never form W0 + dW just to read a shape
+    d_out, d_in = (w.shape[1], w.shape[0]) if transposed else tuple(w.shape)
+    return LayerSpec(name, d_out, d_in, transposed, w.dtype, w.device)
 
 
 def linear_layers(model: nn.Module) -> dict[str, nn.Module]:
@@ -54,9 +67,29 @@ def _is_output_head(name: str) -> bool:
     return any(part in OUTPUT_HEAD_NAMES for part in name.split("."))
 
 
+ALL_LINEAR = "all-linear"  # peft's shorthand: every linear layer but the output head
+
+
+def output_head(model: nn.Module, layers: dict[str, nn.Module]) -> set[str]:
+    """The output layer ``"all-linear"`` leaves out, as peft does: a ``transformers`` model's output embeddings
+    (``lm_head``), else a classification head under a common name (``classifier``, ``score``, ...)."""
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    if head is not None:
+        return {n for n, m in layers.items() if m is head}
+    return {n for n in layers if n.split(".")[0] in OUTPUT_HEAD_NAMES}
+
+
 def select_targets(model: nn.Module, targets: Targets) -> list[str]:
     """Names of the layers ``targets`` picks, or an :class:`LsrfxError` that lists the layers that exist."""
     layers = linear_layers(model)
+    if isinstance(targets, str) and targets.lower() == ALL_LINEAR:
+        heads = output_head(model, layers)
+        chosen = [n for n in layers if n not in heads]
+        if not chosen:
+            raise LsrfxError(f"targets={targets!r} found no linear layer besides the output head. "
+                             f"{describe_layers(layers)}")
+        return chosen
     if targets is None:
         chosen = [n for n in layers if any(_suffix_match(n, s) for s in DEFAULT_ATTENTION_NAMES)]
         if not chosen:

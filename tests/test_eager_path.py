@@ -74,12 +74,13 @@ def test_outputs_and_gradients_equal_the_formed_weight_path(arch: str, method: s
 def is_parameter(t: torch.Tensor, params: list[torch.Tensor]) -> bool:
     """Whether ``t`` is (a view of) one of ``params``: same storage for plain tensors, identity for a tensor subclass
     (torchao's quantized weights have no storage of their own)."""
+    plain = (torch.Tensor, nn.Parameter)
     if any(t is p for p in params):
         return True
-    if type(t) is not torch.Tensor:
+    if type(t) not in plain:
         return False
     ptr = t.untyped_storage().data_ptr()
-    return any(type(p) is torch.Tensor and p.untyped_storage().data_ptr() == ptr for p in params)
+    return any(type(p) in plain and p.untyped_storage().data_ptr() == ptr for p in params)
 
 
 def saved_shapes(model: nn.Module, batch: dict) -> list[tuple[int, ...]]:
