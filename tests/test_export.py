@@ -175,6 +175,27 @@ def test_unexportable_forward_names_the_failing_line_and_leaves_everything(tmp_p
     assert len(list(adapted_layers(model))) == 1
 
 
+def test_left_padded_batch_is_verified_at_its_real_positions(tmp_path) -> None:
+    """Issue 23 item 3: a left-padded row's padded positions attend to nothing, and PyTorch's and onnxruntime's
+    attention kernels (GPT-2's SDPA) give them different arbitrary values; verification compares the real ones."""
+    model = lsrfx.adapt(tiny_gpt2(n_layer=1), method="lora", r=4, alpha=8.0)
+    randomize_adapters(model)
+    ids = torch.randint(0, 100, (2, 6))
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0
+
+    report = lsrfx.merge_and_export(model, tmp_path / "model.onnx", {"input_ids": ids, "attention_mask": mask})
+
+    assert "where attention_mask is 1" in report.verification
+    for feeds in ({"input_ids": ids, "attention_mask": mask},
+                  {"input_ids": torch.randint(0, 100, (3, 4)), "attention_mask": torch.tensor([[0, 0, 1, 1]] * 3)}):
+        got = ort_run(report.path, feeds)[0]
+        with torch.no_grad():
+            want = model(**feeds).logits.numpy()
+        real = feeds["attention_mask"].bool().numpy()
+        assert np.abs(got[real] - want[real]).max() <= 1e-4
+
+
 def test_verification_failure_reports_the_difference_and_writes_nothing(tmp_path) -> None:
     class Drifting(Tiny):  # a Python-side counter makes the traced graph differ from the reference call
         def forward(self, x: torch.Tensor) -> torch.Tensor:

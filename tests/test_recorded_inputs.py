@@ -20,7 +20,7 @@ from lsrfx.export.recorded_inputs import ROWS, latest
 from lsrfx.parametrization import adapter_parameters
 from lsrfx.utils import unwrap
 
-from conftest import TOY_WIDTH, ToyNet, tiny_mlp
+from conftest import TINY_OPTIONS, TOY_WIDTH, ToyNet, tiny_llama, tiny_mlp
 
 ORDERS = ["compile(adapt(m))", "adapt(compile(m))"]
 
@@ -145,3 +145,27 @@ def test_merge_stops_recording() -> None:
     assert latest(model) is None
     model(torch.randn(2, 12))
     assert latest(model) is None and len(model._forward_pre_hooks) == 0
+
+
+def test_export_right_after_generate(tmp_path) -> None:
+    """Issue 23 item 2: the recorded inputs are generate's first call (a ``DynamicCache`` that the later steps fill for
+    the whole batch, ``logits_to_keep=1``, ``return_dict=True``); export takes them as a plain forward over the
+    prompt, and the recording does not keep generate's cache alive."""
+    model = lsrfx.adapt(tiny_llama(num_hidden_layers=1), method="lora", **TINY_OPTIONS["lora"])
+    with torch.no_grad():
+        for p in adapter_parameters(model).values():
+            p.normal_(0.0, 0.3)
+    ids = torch.randint(3, 100, (3, 7))
+    model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False)
+    assert not any(type(v).__name__.endswith("Cache") for v in latest(model)[1].values())
+
+    report = lsrfx.merge_and_export(model, tmp_path / "model.onnx")
+
+    sess = ort.InferenceSession(str(report.path), providers=["CPUExecutionProvider"])
+    new = torch.randint(3, 100, (2, 5))  # another batch and length; every position's logits, not only the last
+    feeds = {"input_ids": new, "attention_mask": torch.ones_like(new), "position_ids": torch.arange(5).expand(2, 5)}
+    feeds = {i.name: feeds[i.name] for i in sess.get_inputs()}
+    with torch.no_grad():
+        want = model(**feeds).logits.numpy()
+    got = sess.run(["logits"], {k: v.numpy() for k, v in feeds.items()})[0]
+    assert got.shape == (2, 5, 100) and np.abs(got - want).max() <= 1e-4

@@ -22,6 +22,11 @@ from lsrfx.export.recorded_inputs import Inputs
 
 # Training-only keyword inputs of `transformers` models: not part of an inference graph.
 LABEL_KEYS = ("labels", "start_positions", "end_positions", "next_sentence_label", "return_loss")
+# Generation-state keyword inputs of `transformers` causal LMs (what `generate` passes to forward): the key/value
+# cache (`cache` since transformers 5.2x, `past_key_values` before), the positions it is written at, and how many
+# positions' logits to compute. A single-pass graph takes none of them.
+CACHE_KEYS = ("cache", "past_key_values")
+GENERATION_KEYS = (*CACHE_KEYS, "cache_position", "logits_to_keep", "num_logits_to_keep")
 
 
 def normalize(example_inputs: Any) -> Inputs:
@@ -75,7 +80,9 @@ def hf_dummy_inputs(root: nn.Module) -> dict | None:
 
 def clean(root: nn.Module, inputs: Inputs) -> Inputs:
     """Detached inputs without training-only keywords; an encoder-decoder's ``decoder_input_ids`` are derived from
-    its ``labels`` (as its forward would) when they were not given."""
+    its ``labels`` (as its forward would) when they were not given. For a model whose forward takes a key/value
+    cache, the generation-state keywords (:data:`GENERATION_KEYS`) are dropped: inputs recorded from ``generate``
+    (a ``DynamicCache`` filled by the later steps, ``logits_to_keep=1``) become a plain forward over the prompt."""
     args, kwargs = inputs
     kwargs = dict(kwargs)
     labels = kwargs.get("labels")
@@ -84,10 +91,30 @@ def clean(root: nn.Module, inputs: Inputs) -> Inputs:
         kwargs["decoder_input_ids"] = root.prepare_decoder_input_ids_from_labels(labels=labels)
     for key in LABEL_KEYS:
         kwargs.pop(key, None)
+    if any(_accepts(root, key) for key in CACHE_KEYS):
+        for key in GENERATION_KEYS:
+            kwargs.pop(key, None)
     if "use_cache" in kwargs or _accepts(root, "use_cache"):
         kwargs["use_cache"] = False  # a key/value cache is generation state, not an output of the exported graph
     detach = lambda t: t.detach()  # noqa: E731
     return pytree.tree_map_only(Tensor, detach, (tuple(args), kwargs))
+
+
+def split_constants(root: nn.Module, inputs: Inputs) -> tuple[Inputs, dict[str, Any]]:
+    """``inputs`` without the plain (tensor-free) keyword values that ``forward`` takes through ``**kwargs``, and
+    those values. ``transformers`` forwards take flags such as ``return_dict=True`` (which ``generate`` passes) that
+    way, and ``torch.export`` with dynamic shapes fails on any ``**kwargs`` entry (``Must provide a tree_name``);
+    export binds them to the copy's ``forward`` instead (:func:`functools.partial`), so they still apply."""
+    args, kwargs = inputs
+    try:
+        params = inspect.signature(root.forward).parameters
+    except (TypeError, ValueError):
+        return inputs, {}
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return inputs, {}
+    constants = {k: v for k, v in kwargs.items()
+                 if k not in params and not any(isinstance(t, Tensor) for t in pytree.tree_leaves(v))}
+    return (args, {k: v for k, v in kwargs.items() if k not in constants}), constants
 
 
 def _accepts(root: nn.Module, name: str) -> bool:
@@ -95,6 +122,13 @@ def _accepts(root: nn.Module, name: str) -> bool:
         return name in inspect.signature(root.forward).parameters
     except (TypeError, ValueError):
         return False
+
+
+def attention_mask(inputs: Inputs) -> Tensor | None:
+    """The ``attention_mask`` keyword input when it is a (batch, sequence) tensor, else ``None``: verification
+    compares padded positions' outputs only where it is 1 (:func:`lsrfx.export.verify.max_difference`)."""
+    mask = inputs[1].get("attention_mask")
+    return mask if isinstance(mask, Tensor) and mask.dim() == 2 else None
 
 
 def tensors(inputs: Inputs) -> list[Tensor]:

@@ -9,6 +9,10 @@ those axes dynamic anyway). So ``merge_and_export(model, path)`` needs no exampl
 never kept alive (only a few rows are copied), and the core (``lsrfx.api``) carries no export state.
 ``merge`` / ``remove_adapters`` call :func:`stop_recording`.
 
+A ``transformers`` key/value cache among the inputs (``generate`` passes a ``DynamicCache`` that its later steps
+fill for the whole batch) is recorded as ``None``: it is generation state, which export drops anyway
+(:func:`lsrfx.export.inputs.clean`), and keeping a reference would keep the whole batch's keys and values alive.
+
 Rows are cut along axis 0 of every tensor whose axis 0 has the size of the first tensor's (the batch); other
 tensors (position ids of shape ``(1, seq)``, scalars) are copied whole. For a model whose inputs are not batch-first
 and carry a square mask (``nn.Transformer`` with ``batch_first=False``), pass ``example_inputs=`` to export.
@@ -76,12 +80,20 @@ def signature(inputs: Inputs) -> tuple:
     return (str(spec), tuple(leaf(v) for v in leaves))
 
 
+def is_kv_cache(value: object) -> bool:
+    """Whether ``value`` is a ``transformers`` key/value cache (``DynamicCache``, ``StaticCache``, ...), by its
+    interface, so that ``transformers`` need not be imported."""
+    return type(value).__name__.endswith("Cache") and hasattr(value, "get_seq_length")
+
+
 def few_rows(inputs: Inputs) -> Inputs:
     """A detached copy of ``inputs`` with at most :data:`ROWS` rows of each batched tensor (see the module doc).
 
-    Non-tensor values are kept as they are (references). The copy is an ordinary tensor even under
-    ``torch.inference_mode`` (an inference tensor could not be traced by ``torch.export`` later).
+    Non-tensor values are kept as they are (references), except key/value caches, which become ``None``. The copy
+    is an ordinary tensor even under ``torch.inference_mode`` (an inference tensor could not be traced by
+    ``torch.export`` later).
     """
+    inputs = pytree.tree_map(lambda v: None if is_kv_cache(v) else v, inputs, is_leaf=is_kv_cache)
     leaves = [t for t in pytree.tree_leaves(inputs) if isinstance(t, Tensor)]
     batch = next((t.shape[0] for t in leaves if t.dim() > 0), None)
 

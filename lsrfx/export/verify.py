@@ -9,6 +9,11 @@ bfloat16 model cannot be verified where only the CPU provider exists; :func:`che
 export work, naming the provider, the dtype and ``verify=False``. Any other onnxruntime failure to load or run the
 file is reported the same way (:func:`session`, :func:`run`), never as a raw onnxruntime exception.
 
+Padding: with an ``attention_mask`` input, outputs whose first two axes are the mask's (batch, sequence) are
+compared only where the mask is 1 (:func:`max_difference`'s ``mask``). A padded position's output is computed from
+a fully masked attention row, whose result is arbitrary (PyTorch's and onnxruntime's attention kernels differ
+there, and neither value means anything); the real positions must still agree to the tolerance.
+
 Output names: :func:`output_names` names the graph's outputs after the model's output fields (``logits``,
 ``hidden_states_0``, ...), so that an exported classifier's output is ``logits``, not an internal node name.
 """
@@ -114,16 +119,23 @@ def output_names(outputs) -> list[str]:
     return names
 
 
-def max_difference(got: Sequence[np.ndarray], want: Sequence[Tensor], what: str) -> float:
+def max_difference(got: Sequence[np.ndarray], want: Sequence[Tensor], what: str,
+                   mask: Tensor | None = None) -> float:
     """The largest ``|got - want|`` over all outputs; raises :class:`LsrfxError` when any output exceeds the
-    tolerance (see the module docstring) or shapes disagree."""
+    tolerance (see the module docstring) or shapes disagree. With ``mask`` (batch, sequence), an output whose first
+    two axes have that shape is compared only where ``mask`` is nonzero (padding, see the module docstring)."""
     if len(got) != len(want):
         raise LsrfxError(f"{what}: onnxruntime returned {len(got)} outputs, PyTorch {len(want)}.")
+    keep = None if mask is None else to_numpy(mask) != 0
     worst = 0.0
     for i, (g, w) in enumerate(zip(got, want, strict=True)):
         ref = to_numpy(w)
         if g.shape != ref.shape:
             raise LsrfxError(f"{what}: output {i} has shape {g.shape} in onnxruntime, {ref.shape} in PyTorch.")
+        where = ""
+        if keep is not None and ref.ndim >= 2 and ref.shape[:2] == keep.shape and not keep.all():
+            g, ref = g[keep], ref[keep]
+            where = " at the positions where attention_mask is 1"
         if not w.is_floating_point():
             if not np.array_equal(g, ref):
                 raise LsrfxError(f"{what}: integer output {i} differs between onnxruntime and PyTorch.")
@@ -133,7 +145,7 @@ def max_difference(got: Sequence[np.ndarray], want: Sequence[Tensor], what: str)
         limit = ATOL.get(w.dtype, 1e-4) * scale
         if not diff <= limit:  # also catches NaN
             raise LsrfxError(
-                f"{what}: output {i} (shape {tuple(ref.shape)}, {w.dtype}) differs by max abs {diff:.3g} between "
+                f"{what}: output {i} (shape {tuple(w.shape)}, {w.dtype}) differs by max abs {diff:.3g}{where} between "
                 f"onnxruntime and PyTorch, above the tolerance {limit:.3g}; the file was not written."
             )
         worst = max(worst, diff)
