@@ -1,5 +1,8 @@
 """The schema of ``adapter_config.json`` in an lsrfx adapter directory, checked field by field before it is used.
 
+peft's LoRA directories use the same file name; :mod:`lsrfx.export.peft_format` reads those (the content tells the
+two apart: lsrfx's has ``"format": "lsrfx-adapters"``, peft's a ``peft_type``) into the same :class:`SavedAdapters`.
+
 An adapter directory is data from outside the process: every field is validated here (type, range, size of the
 file) and any problem is an :class:`LsrfxError` naming the file and the field, never a raw ``KeyError`` or
 ``TypeError`` from deep inside loading. The config never decides *what* is overwritten in a model: which tensors
@@ -28,11 +31,12 @@ _DTYPES = ("float32", "float64", "float16", "bfloat16", "int8", "uint8", "int32"
 @dataclass(frozen=True)
 class SavedAdapters:
     """A validated ``adapter_config.json``: the method's config, the adapted layers with their base-weight
-    fingerprints (in the order saved), the trained base parameters, and the tensor file's SHA-256 (``None`` in
-    directories written before lsrfx recorded it)."""
+    fingerprints (in the order saved; ``None`` for a peft directory, which records none), the trained base
+    parameters, and the tensor file's SHA-256 (``None`` in directories written before lsrfx recorded it, and in peft
+    directories)."""
 
     config: AdapterConfig
-    layers: dict[str, dict[str, Any]]
+    layers: dict[str, dict[str, Any] | None]
     trainable: list[str]
     targets: Any
     tensors_sha256: str | None
@@ -60,7 +64,9 @@ def read_saved(config: dict, file: Path) -> SavedAdapters:
 
     if config.get("format") != FORMAT or config.get("format_version") != FORMAT_VERSION:
         raise LsrfxError(f"{file} is not an lsrfx adapter config of format version {FORMAT_VERSION} "
-                         f"(found format={config.get('format')!r}, version={config.get('format_version')!r}).")
+                         f"(found format={config.get('format')!r}, version={config.get('format_version')!r}) nor a "
+                         "peft adapter config (no 'peft_type'); pass a directory written by lsrfx.save_adapters or "
+                         "by peft's save_pretrained.")
     for key in ("method", "options", "layers", "trainable"):
         if key not in config:
             raise bad(key, "is missing")

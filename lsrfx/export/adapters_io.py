@@ -22,6 +22,10 @@ must carry the same method, options and set of layers, and its adapter values ar
 compiled model keeps its compiled code), the trained base parameters the new set does not carry going back to their
 base values. Saving replaces the whole directory in one step (:func:`lsrfx.atomic_files.publish_directory`), and
 loading reads one version of it (:func:`lsrfx.atomic_files.read_directory`), so a reader never sees half a save.
+
+peft's LoRA directories load through the same path, under the same rules (:mod:`lsrfx.export.peft_format` turns
+their config into the layers, LoRA options and trained parameters, and their tensor names into lsrfx's; peft records
+no base-weight fingerprints), and ``save_adapters(..., format="peft")`` writes one for any method.
 """
 
 from __future__ import annotations
@@ -32,17 +36,18 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from lsrfx import atomic_files
+from lsrfx import atomic_files, serving
 from lsrfx.adapters import LayerSpec
 from lsrfx.adapters.base import check_size
-from lsrfx.api import AdaptState, adapt, adapt_state, layer_spec, remove_adapters
+from lsrfx.api import AdaptState, adapt, adapt_state, remove_adapters
 from lsrfx.errors import LsrfxError
+from lsrfx.export import peft_format
 from lsrfx.export.adapter_config import CONFIG_FILE, FORMAT, FORMAT_VERSION, SavedAdapters, parse_config, read_saved
 from lsrfx.parametrization import adapted_layers, adapter_parameters, base_weight, layer_of, named_adapter_parameters
 from lsrfx.quantized_base import scheme
@@ -129,8 +134,15 @@ def _check_materialised(root: nn.Module, doing: str) -> None:
                          "materialise it first (model.to_empty(device=...), then load the base weights).")
 
 
-def save_adapters(model: nn.Module, directory: str | os.PathLike) -> Path:
+def save_adapters(model: nn.Module, directory: str | os.PathLike, *,
+                  format: Literal["lsrfx", "peft"] = "lsrfx") -> Path:
     """Write the adapters of ``model`` (plain, compiled or wrapped for data parallelism) to ``directory``.
+
+    ``format="lsrfx"`` (default) writes lsrfx's own directory: the method's own tensors, its options and the base
+    weights' fingerprints; the one to resume training from. ``format="peft"`` writes a peft LoRA directory
+    (``PeftModel.from_pretrained(base, directory)`` reproduces the model; :mod:`lsrfx.export.peft_format`): LoRA as
+    itself, any other method as its formed rank-``r`` factors (``r * (d_in + d_out)`` values per layer, LoRA's
+    size), the trained base parameters under ``modules_to_save``. lsrfx loads both.
 
     The directory is replaced as a whole, in one step: a crash or a concurrent reader never sees half a save, and
     concurrent savers of the same directory run one after another. It must be a directory of adapter files only
@@ -139,6 +151,9 @@ def save_adapters(model: nn.Module, directory: str | os.PathLike) -> Path:
     """
     from safetensors.torch import save
 
+    if format not in ("lsrfx", "peft"):
+        raise LsrfxError(f"save_adapters: format={format!r} is not one of 'lsrfx' (lsrfx's own directory, to "
+                         "resume training from) or 'peft' (a peft LoRA directory).")
     root = unwrap(model)
     state = adapt_state(root)
     if state is None:
@@ -149,6 +164,14 @@ def save_adapters(model: nn.Module, directory: str | os.PathLike) -> Path:
     tensors = {name: _full(p) for name, p in adapter_parameters(root).items()}
     trained_base = {n: _full(params[n]) for n in state.trainable if n in params}
     check_finite_tensors({**tensors, **trained_base}, "save_adapters")
+    directory = Path(directory)
+    if format == "peft":
+        metadata = {"lsrfx_version": __version__, "lsrfx_method": state.config.method,
+                    "lsrfx_options": json.dumps(_jsonable(state.config.options()), sort_keys=True)}
+        files = peft_format.peft_files(root, state, _full, metadata=metadata)
+        if _is_writer():
+            write_adapter_directory(directory, files)
+        return directory
     tensors.update(trained_base)
     config = {
         "format": FORMAT,
@@ -161,7 +184,6 @@ def save_adapters(model: nn.Module, directory: str | os.PathLike) -> Path:
         "adapter_tensors": sorted(set(tensors) - set(trained_base)),
         "trainable": sorted(trained_base),
     }
-    directory = Path(directory)
     if not _is_writer():
         return directory
     data = save(tensors, metadata={"format": "pt"})
@@ -192,63 +214,133 @@ def write_adapter_directory(directory: Path, files: dict[str, bytes]) -> None:
                          "choose a writable directory with free space.") from exc
 
 
-def load_adapters(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
+def load_adapters(model: nn.Module, directory: str | os.PathLike, *, name: str | None = None) -> nn.Module:
     """Load adapters saved by :func:`save_adapters` into ``model`` (plain or compiled) and return ``model``.
 
-    A model without adapters is adapted from the saved config first (``lsrfx.adapt``, which also installs the
-    compile pass); an adapted one must carry the same method, options and layers, and its adapter tensors are
-    overwritten in place, so a compiled model keeps its compiled code (hot-swap: no recompilation; the way to serve
-    several adapters from one compiled base). Everything is checked before the model changes (see the module
-    docstring); any failure is an :class:`LsrfxError` naming the file, field, tensor or layer, and leaves the
-    model exactly as it was.
+    ``directory`` may also be a peft LoRA directory (``save_pretrained`` of a peft ``LoraConfig`` model): it loads
+    as lsrfx LoRA (:mod:`lsrfx.export.peft_format` says what is read, ignored and refused), in every way below.
+
+    Without ``name`` they become the model's own adapter: a model without adapters is adapted from the saved config
+    first (``lsrfx.adapt``, which also installs the compile pass); an adapted one must carry the same method,
+    options and layers, and its adapter tensors are overwritten in place, so a compiled model keeps its compiled
+    code (hot-swap: no recompilation). The swap waits for running calls of the model to finish and holds new ones
+    until it is done (:mod:`lsrfx.serving`), so no forward mixes two sets.
+
+    With ``name``, they are loaded as a frozen named set beside the model's own adapter, for serving a set per batch
+    row (``model(ids, adapter_names=[...])``, :func:`lsrfx.use_adapters`); any method and rank, on layers the model
+    adapts (a base model is first adapted from this set's config). Loading a name again replaces that set.
+
+    Everything is checked before the model changes (see the module docstring); any failure is an
+    :class:`LsrfxError` naming the file, field, tensor or layer, and leaves the model exactly as it was.
     """
     directory = Path(directory)
     root = unwrap(model)
     state = adapt_state(root)
     if state is None and any(True for _ in adapted_layers(root)):
         raise LsrfxError("the model holds lsrfx parametrizations but no adapt state; rebuild it from the base.")
-    saved, tensors = atomic_files_read(directory, lambda saved: expected_tensors(root, saved, state))
+    named = name is not None and name != serving.DEFAULT
+    if named and state is not None:
+        saved, tensors = atomic_files_read(directory, root,
+                                           lambda saved: expected_named_set(root, saved, state, name))
+        adapter_set = serving.build_set(root, name, saved.config, list(saved.layers), tensors, str(directory))
+        serving.add_set(model, adapter_set)
+        return model
+    saved, tensors = atomic_files_read(directory, root, lambda saved: expected_tensors(root, saved, state))
     if state is None:
         wanted = set(saved.layers)
-        adapt(model, saved.config, targets=lambda name, _m: name in wanted, trainable=saved.trainable)
+        adapt(model, saved.config, targets=lambda layer, _m: layer in wanted, trainable=saved.trainable)
         try:
             _copy_in(root, tensors, adapt_state(root), reset=False)
+            if named:
+                adapter_set = serving.build_set(root, name, saved.config, list(saved.layers),
+                                                {n: t for n, t in tensors.items() if n not in saved.trainable},
+                                                str(directory))
+                serving.add_set(model, adapter_set)
         except BaseException:
             remove_adapters(model, fold=False)
             raise
     else:
-        _copy_in(root, tensors, state, reset=True)
+        with serving.serving_of(root).lock.writing(f"load adapters from {directory}"):
+            _copy_in(root, tensors, state, reset=True)
     return model
 
 
-def atomic_files_read(directory: Path, expect) -> tuple[SavedAdapters, dict[str, Tensor]]:
-    """The validated config and tensors of one version of ``directory``. ``expect(saved)`` gives the tensors the
-    model needs (:func:`expected_tensors`), which bound the size of the tensor file and are checked one by one."""
-    config_file, tensors_file = directory / CONFIG_FILE, directory / TENSORS_FILE
+def expected_named_set(root: nn.Module, saved: SavedAdapters, state: AdaptState, name: str) -> dict[str, Expected]:
+    """The tensors of a named set: those ``adapt`` would create for its layers, which the model must adapt; a named
+    set carries no trained base parameters (they would change every row)."""
+    missing = [layer for layer in saved.layers if layer not in state.layers]
+    if missing:
+        raise LsrfxError(
+            f"adapter set {name!r} adapts layer(s) this model does not ({missing[:3]}); a named set may only use "
+            f"layers the model adapts ({len(state.layers)} layers, e.g. {state.layers[:2]}). Adapt the base with "
+            "targets covering every set's layers first."
+        )
+    if saved.trainable:
+        raise LsrfxError(
+            f"adapter set {name!r} carries trained base parameters {saved.trainable[:3]}, which would change every "
+            "row of a batch, not only its own; a named set serves adapters only. Load it without a name (as the "
+            "model's own adapter) instead."
+        )
+    return expected_tensors(root, saved, None)
+
+
+def atomic_files_read(directory: Path, root: nn.Module, expect) -> tuple[SavedAdapters, dict[str, Tensor]]:
+    """The validated config and tensors of one version of ``directory``, an lsrfx or a peft adapter directory (told
+    apart by the config's content, :func:`peft_format.is_peft_config`). ``expect(saved)`` gives the tensors the
+    model needs (:func:`expected_tensors`), which bound the size of the tensor file and are checked one by one;
+    a peft directory's tensors are first renamed to lsrfx's names (:func:`peft_format.peft_tensors`)."""
+    config_file = directory / CONFIG_FILE
 
     def read(read_file) -> tuple[SavedAdapters, dict[str, Tensor]]:
-        saved = read_saved(parse_config(_read(read_file, CONFIG_FILE, directory), config_file), config_file)
+        raw = parse_config(_read(read_file, CONFIG_FILE, directory), config_file)
+        peft = peft_format.read_peft_config(raw, config_file, root) if peft_format.is_peft_config(raw) else None
+        saved = read_saved(raw, config_file) if peft is None else peft.saved
         expected = expect(saved)
         limit = sum(e.dtype.itemsize * _numel(e.shape) for e in expected.values()) + HEADER_ALLOWANCE
-        data = _read(read_file, TENSORS_FILE, directory, limit)
+        if peft is not None:
+            buffers = dict(root.named_buffers(remove_duplicate=False))
+            limit += sum(buffers[b].numel() * buffers[b].element_size() for b in peft.buffers.values())
+        name = TENSORS_FILE if peft is None else peft_format.PEFT_TENSORS_FILE
+        tensors_file = directory / name
+        try:
+            data = _read(read_file, name, directory, limit)
+        except FileNotFoundError as exc:
+            if peft is not None and _exists(read_file, peft_format.PEFT_PICKLE_FILE):
+                raise LsrfxError(f"{directory} holds {peft_format.PEFT_PICKLE_FILE}, a pickle (loading one can run "
+                                 f"code), and no {name}; lsrfx reads safetensors only. Save the adapter with peft's "
+                                 "save_pretrained(..., safe_serialization=True).") from exc
+            raise
         if saved.tensors_sha256 is not None and hashlib.sha256(data).hexdigest() != saved.tensors_sha256:
             raise LsrfxError(
                 f"{tensors_file} is damaged: its SHA-256 differs from the one recorded in {CONFIG_FILE} when it was "
                 f"saved ({saved.tensors_sha256[:16]}...); nothing was loaded. Restore the file from a good copy or "
                 "save the adapters again."
             )
-        return saved, check_tensors(_parse_safetensors(data, tensors_file), expected, tensors_file)
+        tensors = _parse_safetensors(data, tensors_file)
+        if peft is not None:
+            tensors = peft_format.peft_tensors(peft, tensors, expected, root, tensors_file)
+        return saved, check_tensors(tensors, expected, tensors_file)
 
     try:
         return atomic_files.read_directory(directory, read)
     except FileNotFoundError as exc:
         raise LsrfxError(f"cannot read {directory}: {exc.strerror or exc} ({exc.filename}); pass the directory "
-                         "save_adapters wrote.") from exc
+                         "save_adapters (or peft's save_pretrained) wrote.") from exc
     except NotADirectoryError as exc:
         raise LsrfxError(f"cannot read adapters from {directory}: it is not a directory.") from exc
     except OSError as exc:
         raise LsrfxError(f"cannot read {directory}: {exc.strerror or exc}; pass the directory save_adapters "
                          "wrote.") from exc
+
+
+def _exists(read_file, name: str) -> bool:
+    try:
+        read_file(name, 0)
+    except atomic_files.FileTooLarge:
+        return True
+    except OSError:
+        return False
+    return True
 
 
 def _read(read_file, name: str, directory: Path, limit: int | None = None) -> bytes:
@@ -288,7 +380,8 @@ def expected_tensors(root: nn.Module, saved: SavedAdapters, state: AdaptState | 
     each checked to be a plain parameter of the model (and, in an adapted model, one it trains)."""
     check_base(root, saved.layers)
     if state is None:
-        specs = [_meta_spec(layer_spec(name, module)) for name, module in _saved_modules(root, saved)]
+        # layer_spec_of: a named set's layers are adapted already (a parametrized Conv1D keeps its orientation)
+        specs = [_meta_spec(peft_format.layer_spec_of(name, m)) for name, m in _saved_modules(root, saved)]
         for spec in specs:
             saved.config.check(spec)
             check_size(saved.config, spec)
@@ -355,8 +448,9 @@ def check_tensors(tensors: dict[str, Tensor], expected: dict[str, Expected], fil
     return tensors
 
 
-def check_base(root: nn.Module, layers: dict[str, dict]) -> None:
-    """Every saved layer exists and its base weight has the saved fingerprint."""
+def check_base(root: nn.Module, layers: dict[str, dict | None]) -> None:
+    """Every saved layer exists and its base weight has the saved fingerprint (when one was saved: peft directories
+    record none)."""
     modules = dict(root.named_modules())
     for name, saved in layers.items():
         module = modules.get(name)
@@ -370,6 +464,8 @@ def check_base(root: nn.Module, layers: dict[str, dict]) -> None:
             raise LsrfxError(f"cannot load adapters: layer '{name}' has its weight on the meta device (no values to "
                              "check against the saved fingerprint); materialise the model and load the base weights "
                              "first.")
+        if saved is None:
+            continue
         found = fingerprint(weight)
         if found != saved:
             if found.get("quantization") != saved.get("quantization"):
