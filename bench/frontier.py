@@ -188,7 +188,7 @@ def summarise(out: Path) -> None:
         return
     fig, ax = plt.subplots(figsize=(10, 5))
     # One colour per method, its budget line solid; a variant point takes its method's colour and a marker of its own
-    colours = {"lora": "tab:blue", "lsr": "tab:orange", "condlora": "tab:green", "genlora": "tab:red"}
+    from common import COLOURS as colours  # bench/ is on sys.path when run as a script
     variant_markers = iter(["x", "^", "s", "D", "v", "P", "*", "<", ">", "h", "d", "p", "X", "8"] * 4)
     shapes = set(SHAPE_LINES)
     for label, pts in sorted(series.items(), key=lambda kv: (any(t in kv[0] for t in VARIANT_TAGS), kv[0])):

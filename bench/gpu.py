@@ -42,11 +42,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from train_step import fuse_policy  # bench/ is on sys.path when run as a script
 
 import lsrfx
 from lsrfx.kernels import dispatch
 from lsrfx.kernels import triton_matmul as tk
+
+from common import fuse_policy  # bench/ is on sys.path when run as a script
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 RANK = 16

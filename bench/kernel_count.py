@@ -41,10 +41,11 @@ from collections.abc import Callable
 import torch
 from torch import nn
 from torch._dynamo.utils import counters
-from train_step import METHODS, PEFT_LORA, profiled_peak_mb  # bench/ is on sys.path when run as a script
 
 import lsrfx
 from lsrfx.passes import cost_model
+
+from common import METHODS, PEFT_LORA, profiled_peak_mb  # bench/ is on sys.path when run as a script
 
 EXTERN = ("aten::mm", "aten::addmm", "aten::bmm")
 

@@ -89,20 +89,17 @@ import sys
 import time
 import types
 from collections import Counter
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch import nn
 from torch._dynamo.utils import counters
 
 import lsrfx
 
-# The adapter options every bench/ timing script uses (bench/kernel_count.py and bench/quantized_base.py import them).
-METHODS = {"lora": dict(r=8, alpha=8.0), "lsr": {}, "condlora": dict(r=8), "genlora": dict(r=32)}
-PEFT_LORA = dict(r=8, lora_alpha=8, target_modules=["query", "value"], lora_dropout=0.0)
+from common import METHODS, PEFT_LORA, bert, fuse_policy, make_step, peak_memory_mb  # bench/ on sys.path
+
 TARGETS = {"quiet": (1.03, 1.00), "busy": (1.10, 1.00)}  # (x floor, x peft compiled) for every lsrfx compiled
 KERNEL_SLACK = 1.10  # kernels per step <= peft compiled's x this
 LOAD_LIMIT = 1.5  # others' 1-minute load average above which a timing verdict is refused
@@ -112,29 +109,6 @@ ALL_KEYS = DEFAULT_KEYS + ["peft-r32"] + [f"{m}-{kind}" for kind in ("fused", "e
 
 
 # ---------------------------------------------------------------------------------------------------- models
-
-
-def bert(hidden: int, layers: int, device: str) -> nn.Module:
-    from transformers import BertConfig, BertModel
-
-    cfg = BertConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=max(1, hidden // 64),
-                     intermediate_size=4 * hidden, vocab_size=30522, max_position_embeddings=512)
-    cfg.attn_implementation = "sdpa"
-    return BertModel(cfg, add_pooling_layer=False).to(device).train()
-
-
-def make_step(model: nn.Module, embeds: torch.Tensor, extra: list[torch.Tensor]) -> Callable[[], None]:
-    params = [p for p in model.parameters() if p.requires_grad] + extra
-    opt = torch.optim.AdamW(params, lr=1e-4) if params else None
-
-    def step() -> None:
-        out = model(inputs_embeds=embeds).last_hidden_state
-        out.float().pow(2).mean().backward()
-        if opt is not None:
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
-    return step
 
 
 @dataclass
@@ -198,60 +172,11 @@ def catalogue(hidden: int, layers: int, embeds: torch.Tensor, device: str) -> di
     return out
 
 
-@contextmanager
-def fuse_policy(value: str | None) -> Iterator[None]:
-    """``LSRFX_FUSE=value`` for the duration (unchanged when ``value`` is None), restored after."""
-    old = os.environ.get("LSRFX_FUSE")
-    if value is not None:
-        os.environ["LSRFX_FUSE"] = value
-    try:
-        yield
-    finally:
-        if value is not None:
-            if old is None:
-                os.environ.pop("LSRFX_FUSE", None)
-            else:
-                os.environ["LSRFX_FUSE"] = old
-
-
 def _graphs() -> int:
     return counters["stats"]["unique_graphs"]
 
 
 # ---------------------------------------------------------------------------------------------------- measurements
-
-
-def profiled_peak_mb(step: Callable[[], None]) -> float:
-    """Peak of the running sum of CPU allocations (+) and frees (-) during ``step``, in MB."""
-    from torch._C._profiler import _EventType
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step()
-    events: list[tuple[int, int]] = []
-    todo = list(prof.profiler.kineto_results.experimental_event_tree())
-    while todo:
-        e = todo.pop()
-        todo.extend(e.children)
-        if e.tag == _EventType.Allocation and e.extra_fields.device.type == "cpu":
-            events.append((e.start_time_ns, e.extra_fields.alloc_size))
-    running = peak = 0
-    for _, size in sorted(events):
-        running += size
-        peak = max(peak, running)
-    return peak / 2**20
-
-
-def peak_memory_mb(step: Callable[[], None], device: str) -> float:
-    """Memory one step adds at its peak (CUDA: allocator peak; CPU: profiler allocation events)."""
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        start = torch.cuda.memory_allocated()
-        step()
-        torch.cuda.synchronize()
-        return (torch.cuda.max_memory_allocated() - start) / 2**20
-    return profiled_peak_mb(step)
 
 
 def count_launches(step: Callable[[], None]) -> tuple[int, Counter, Counter, frozenset[str]]:

@@ -4,8 +4,9 @@ TRITON_INTERPRET=1 must be set before triton is first imported: it makes Triton 
 only), which is how the kernels are checked on a machine without a GPU.
 
 Test files import what they share from here (``from conftest import TINY_OPTIONS, tiny_bert``; pytest puts
-``tests/`` on ``sys.path``). Adding an adapter method to the tests is one entry in ``TINY_OPTIONS``;
-``tests/test_adapters.py`` checks that its keys are exactly ``lsrfx.METHODS``.
+``tests/`` on ``sys.path``). Adding an adapter method to the tests is one entry in ``tests/references.py`` (its tiny
+options and its independent reference); ``tests/test_adapters.py`` checks that its keys are exactly
+``lsrfx.METHODS``.
 """
 
 from __future__ import annotations
@@ -23,23 +24,14 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils.checkpoint import checkpoint  # noqa: E402
 
+from references import REFERENCES  # noqa: E402
+
 if TYPE_CHECKING:
     from transformers import BertForSequenceClassification, GPT2LMHeadModel, LlamaForCausalLM
 
-# Small options for every registered method, used wherever a test runs "each method". Constraints they meet:
-# * they fit every layer the tests adapt with them: the sides are even and >= 8 (smallest: tiny_mlp's 8 x 10, T5's
-#   8 x 16 in test_architectures), so ranks <= 6 fit, and LSR's r1 = r2 = 2 fit both factors of the balanced
-#   Kronecker split of an even side (e.g. 8 = 4 x 2, 10 = 5 x 2);
-# * the rank stays below the smaller side of those layers, so "rank(dW) <= r" checks have teeth;
-# * LoRA and CondLoRA scale by alpha / r = 2, not 1, so a dropped scale shows;
-# * on ToyNet's 32 x 32 layers every structured method has fewer adapter parameters than LoRA (LoRA 256 per layer,
-#   LSR 144, CondLoRA 256 per group of layers, GenLoRA 176): tests/test_distributed.py asserts it communicates less.
-TINY_OPTIONS: dict[str, dict[str, Any]] = {
-    "lora": dict(r=4, alpha=8.0),
-    "lsr": dict(r1=2, r2=2, separation_rank=3, alpha=4.0),
-    "condlora": dict(r=4, alpha=8.0),
-    "genlora": dict(r=6, group_size=2, alpha=6.0),
-}
+# Small options for every registered method, used wherever a test runs "each method": the ``tiny_options`` of each
+# method's entry in tests/references.py (where their constraints are listed).
+TINY_OPTIONS: dict[str, dict[str, Any]] = {method: ref.tiny_options for method, ref in REFERENCES.items()}
 
 
 @pytest.fixture(autouse=True)

@@ -15,6 +15,7 @@ from lsrfx.adapters.lsr import LSRConfig, balanced_split, lsr_parameter_count
 from lsrfx.parametrization import adapted_layers, base_weight
 
 from conftest import TINY_OPTIONS, tiny_mlp
+from references import reference_factors
 
 
 def test_tiny_options_cover_every_registered_method() -> None:
@@ -32,36 +33,6 @@ def _randomize(model: nn.Module) -> None:
                 p.copy_(torch.randn_like(p) * 0.3)
 
 
-def reference_factors(method: str, adapter: nn.Module, w0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """A and B from each paper's definition, written independently of lsrfx's implementation."""
-    if method == "lora":
-        return adapter.lora_A, adapter.lora_B
-    if method == "lsr":
-        a = sum(torch.kron(adapter.A1[k], adapter.A2[k]) for k in range(adapter.A1.shape[0]))
-        b = sum(torch.kron(adapter.B1[k], adapter.B2[k]) for k in range(adapter.B1.shape[0]))
-        return a, b
-    if method == "condlora":
-        c_a, c_b = adapter.pair.C_A, adapter.pair.C_B
-        a = c_a @ w0.T if w0.shape[0] == w0.shape[1] else c_a @ w0
-        return a, w0 @ c_b.T
-    if method == "genlora":  # the default basis, "centred": each RBF row made mean-free over its positions
-        assert adapter.basis == "centred"
-        r, d_in, d_out = adapter.rank, w0.shape[1], w0.shape[0]
-        phi_a = torch.empty(r, d_in, dtype=w0.dtype)
-        phi_b = torch.empty(r, d_out, dtype=w0.dtype)
-        for i in range(r):
-            for j in range(d_in):
-                dist = ((adapter.Z_A[j] - adapter.centres_A[i]) ** 2).sum()
-                phi_a[i, j] = torch.exp(-dist * torch.exp(adapter.log_gamma_A[i]))
-            for j in range(d_out):
-                dist = ((adapter.Z_B[j] - adapter.centres_B[i]) ** 2).sum()
-                phi_b[i, j] = torch.exp(-dist * torch.exp(adapter.log_gamma_B[i]))
-        a = adapter.amplitude_A[:, None] * (phi_a - phi_a.mean(1, keepdim=True))
-        b = (adapter.amplitude_B[:, None] * (phi_b - phi_b.mean(1, keepdim=True))).T
-        return a, b
-    raise AssertionError(method)
-
-
 @pytest.mark.parametrize("method", list(lsrfx.METHODS))
 def test_factors_delta_and_output_match_dense_reference(method: str) -> None:
     model = tiny_mlp()
@@ -72,7 +43,7 @@ def test_factors_delta_and_output_match_dense_reference(method: str) -> None:
     with torch.no_grad():
         for _, module, param in adapted_layers(model):
             adapter, w0 = param.adapter, base_weight(module)
-            a_ref, b_ref = reference_factors(method, adapter, w0)
+            a_ref, b_ref = (t.to(w0.dtype) for t in reference_factors(method, adapter, w0))
             a, b = adapter.factors(w0)
             assert a.shape == (adapter.rank, w0.shape[1]) and b.shape == (w0.shape[0], adapter.rank)
             torch.testing.assert_close(a, a_ref, rtol=1e-5, atol=1e-6)

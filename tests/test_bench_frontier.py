@@ -61,12 +61,20 @@ def recorded_params(name: str) -> set[int]:
             for report in RESULTS.glob(f"*/{name}-seed*/report.json")}
 
 
+# Points of the rbf basis's budget line that were defined but never run (no report under bench/results): every other
+# point's runs are on record, so a point whose reports go missing fails below instead of passing unchecked.
+NEVER_RUN = {"genlora-rbf-g1r16", "genlora-rbf-g2r16", "genlora-rbf-g4r32", "genlora-rbf-g8r32"}
+
+
 @pytest.mark.parametrize("name", sorted(POINTS))
 def test_point_is_valid_and_counts_what_its_runs_recorded(name):
     method, options = POINTS[name]
     params = adapter_params(method, options)
     recorded = recorded_params(name)
-    assert recorded <= {params}, f"{name}: {params} parameters here, its reports recorded {sorted(recorded)}"
+    if name in NEVER_RUN:
+        assert not recorded, f"{name} has runs now: take it out of NEVER_RUN"
+    else:
+        assert recorded == {params}, f"{name}: {params} parameters here, its reports recorded {sorted(recorded)}"
 
 
 @pytest.mark.parametrize("name", sorted(BUDGET_POINTS))

@@ -38,6 +38,7 @@ from lsrfx.errors import LsrfxError
 from lsrfx.parametrization import adapted_layers
 
 from conftest import TINY_OPTIONS, tiny_mlp
+from references import reference_delta, reference_for
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 SWEEP = settings(
@@ -78,38 +79,6 @@ def feasible(method: str, opts: dict, d_out: int, d_in: int) -> bool:
     return r1 <= min(a1, b1) and r2 <= min(a2, b2) and r1 * r2 <= min(d_in, d_out)
 
 
-def reference_delta(adapter: nn.Module, w0: Tensor) -> Tensor:
-    """``scale * B @ A`` in float64 from the adapter's parameters (``w0``: ``d_out x d_in``), per the papers."""
-    p = {n: t.detach().double() for n, t in adapter.named_parameters()}
-    name = type(adapter).__name__
-    if name == "LoRAAdapter":
-        a, b = p["lora_A"], p["lora_B"]
-    elif name == "LSRAdapter":
-        a = sum(torch.kron(p["A1"][k], p["A2"][k]) for k in range(p["A1"].shape[0]))
-        b = sum(torch.kron(p["B1"][k], p["B2"][k]) for k in range(p["B1"].shape[0]))
-    elif name == "CondLoRAAdapter":
-        # W0 enters at the adapter's (master) precision, as the paper's factors are functions of the frozen W0.
-        w = w0.detach().to(adapter.pair.C_A.dtype).double()
-        c_a, c_b = p["pair.C_A"], p["pair.C_B"]
-        a = c_a @ (w.t() if w.shape[0] == w.shape[1] else w)
-        b = w @ c_b.t()
-    elif name == "GenLoRAAdapter":
-        def features(z: Tensor, c: Tensor, log_gamma: Tensor) -> Tensor:
-            phi = torch.exp(-torch.cdist(c, z) ** 2 * log_gamma.exp()[:, None])
-            return phi - phi.mean(1, keepdim=True) if adapter.basis == "centred" else phi  # mean-free rows
-
-        phi_a = features(p["Z_A"], p["centres_A"], p["log_gamma_A"])
-        phi_b = features(p["Z_B"], p["centres_B"], p["log_gamma_B"])
-        if adapter.basis == "mixed":
-            a, b = p["mix_A"] @ phi_a / w0.shape[1] ** 0.5, (p["mix_B"] @ phi_b / w0.shape[0] ** 0.5).t()
-        else:
-            a, b = p["amplitude_A"][:, None] * phi_a, (p["amplitude_B"][:, None] * phi_b).t()
-    else:
-        raise AssertionError(f"no reference for {name}")
-    assert a.shape == (adapter.rank, w0.shape[1]) and b.shape == (w0.shape[0], adapter.rank)
-    return adapter.scale * (b @ a)
-
-
 def centring_error(adapter: nn.Module, w0: Tensor) -> Tensor | None:
     """Extra rounding error of GenLoRA's centred ``dW`` (``None`` for every other method): its mean-free features
     are small differences of RBF values near 1 (cancellation), so the error of ``dW``, computed at the adapter's
@@ -127,11 +96,7 @@ def centring_error(adapter: nn.Module, w0: Tensor) -> Tensor | None:
     return 8 * eps * 2 * abs(adapter.scale) * (b @ a)
 
 
-LINEAR_IN_DW = {"LoRAAdapter": "lora_B", "LSRAdapter": "B1", "CondLoRAAdapter": "pair.C_B",
-                "GenLoRAAdapter": "amplitude_B"}
-
-
-def randomise(model: nn.Module, gen: torch.Generator) -> None:
+def randomise(model: nn.Module, method: str, gen: torch.Generator) -> None:
     """Random adapter parameters, with the parameter ``dW`` is linear in rescaled so ``||dW|| ~ ||W0||``."""
     done: set[int] = set()
     with torch.no_grad():
@@ -141,8 +106,8 @@ def randomise(model: nn.Module, gen: torch.Generator) -> None:
                 if id(p) not in done:
                     p.copy_(0.5 * torch.randn(p.shape, generator=gen, dtype=torch.float64))
             w0 = dense_w0(module)
-            dw = reference_delta(adapter, w0)
-            lin = adapter.get_parameter(LINEAR_IN_DW[type(adapter).__name__])
+            dw = reference_delta(method, adapter, w0)
+            lin = adapter.get_parameter(reference_for(method).linear_in_dw)
             if id(lin) not in done and dw.norm() > 0:
                 lin.mul_(float(w0.double().norm() / dw.norm()))
             done.update(id(p) for p in adapter.parameters())
@@ -247,7 +212,7 @@ def sweep(method: str, data: st.DataObject) -> None:
         return
 
     lsrfx.adapt(model, method=method, targets=["proj"], **opts)
-    randomise(model, gen)
+    randomise(model, method, gen)
     x = torch.randn(*lead, d_in, generator=gen, dtype=torch.float64).to(dtype)
     outputs = []
     for block in model.blocks:
@@ -256,7 +221,7 @@ def sweep(method: str, data: st.DataObject) -> None:
         if dtype in (torch.bfloat16, torch.float16):
             assert all(p.dtype == torch.float32 for p in adapter.parameters()), "half base needs fp32 masters"
         w0 = dense_w0(layer).double()
-        dw = reference_delta(adapter, dense_w0(layer))
+        dw = reference_delta(method, adapter, dense_w0(layer))
         bias = None if layer.bias is None else layer.bias.detach().double()
         x64 = x.double()
         ref = x64 @ (w0 + dw).t() + (0 if bias is None else bias)
@@ -289,10 +254,10 @@ def test_tolerance_catches_wrong_updates(method: str, dtype: torch.dtype) -> Non
     torch.manual_seed(0)
     model = Blocks(1, "linear", 12, 12).to(dtype)
     lsrfx.adapt(model, method=method, targets=["proj"], **TINY_OPTIONS[method])
-    randomise(model, torch.Generator().manual_seed(0))
+    randomise(model, method, torch.Generator().manual_seed(0))
     layer = model.blocks[0]["proj"]
     w0 = dense_w0(layer).double()
-    dw = reference_delta(layer.parametrizations["weight"][0].adapter, dense_w0(layer))
+    dw = reference_delta(method, layer.parametrizations["weight"][0].adapter, dense_w0(layer))
     x = torch.randn(32, 12, dtype=dtype).double()  # 32 rows: a 20 % error shows in some row at every dtype
     b = layer.bias.detach().double()
     tol = tolerance(x, w0, dw, b, dtype, centring_error(layer.parametrizations["weight"][0].adapter, dense_w0(layer)))
@@ -341,7 +306,7 @@ def test_nonfinite_inputs_propagate(method: str, compiled: bool, monkeypatch: py
     monkeypatch.setenv("LSRFX_FUSE", "always")
     model = tiny_mlp()
     lsrfx.adapt(model, method=method, targets=["0", "2"], **TINY_OPTIONS[method])
-    randomise(model, torch.Generator().manual_seed(1))
+    randomise(model, method, torch.Generator().manual_seed(1))
     x = torch.randn(5, 12)
     clean = model(x).detach()
     x[1, 4] = math.nan
@@ -364,7 +329,7 @@ def test_nonfinite_inputs_propagate(method: str, compiled: bool, monkeypatch: py
 def test_merge_refuses_diverged_adapter(method: str) -> None:
     model = tiny_mlp()
     lsrfx.adapt(model, method=method, targets=["0", "2"], **TINY_OPTIONS[method])
-    randomise(model, torch.Generator().manual_seed(2))
+    randomise(model, method, torch.Generator().manual_seed(2))
     param = next(iter(model[2].parametrizations["weight"][0].adapter.parameters()))
     with torch.no_grad():
         param.view(-1)[0] = math.nan

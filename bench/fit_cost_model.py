@@ -23,9 +23,9 @@ Figures behind the CPU defaults in ``lsrfx/passes/cost_model.py`` (2-core AMD EP
 and 4.4-4.6e9 B/s on the skinny product, i.e. ``peak = 1.7e11``, ``bandwidth = 9.0e9`` for the two cores. The
 decisions depend on the ratio of the two (~19 flops per byte) more than on either.
 
-    python bench/cost_model.py                       # constants (wall time) and the decision table
-    python bench/cost_model.py --cpu-time            # constants on a shared machine (estimate)
-    python bench/cost_model.py --validate --widths 64 384 --tokens 2048 8192
+    python bench/fit_cost_model.py                       # constants (wall time) and the decision table
+    python bench/fit_cost_model.py --cpu-time            # constants on a shared machine (estimate)
+    python bench/fit_cost_model.py --validate --widths 64 384 --tokens 2048 8192
 """
 
 from __future__ import annotations

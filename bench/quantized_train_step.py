@@ -9,7 +9,7 @@ interleaved over ``--rounds`` rounds at torch's default thread count and the tab
 ratios against the fp32 peft row of the same run, the int8/fp32 ratio per method, the step's peak memory (profiler
 allocation events) and the model's storage (quantized tensors by their int8 data and scales).
 
-    python bench/quantized_base.py --hidden 384 --layers 6 --batch 16 --seq 128 --rounds 5
+    python bench/quantized_train_step.py --hidden 384 --layers 6 --batch 16 --seq 128 --rounds 5
 
 Run it with nothing else on the machine (the load average is printed before and after).
 """
@@ -24,10 +24,11 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
-from train_step import METHODS, PEFT_LORA, make_step, profiled_peak_mb  # bench/ is on sys.path when run as a script
 
 import lsrfx
 from lsrfx.quantized_base import storage_bytes
+
+from common import METHODS, PEFT_LORA, make_step, profiled_peak_mb  # bench/ is on sys.path when run as a script
 
 
 def bert(hidden: int, layers: int, base: str) -> nn.Module:
