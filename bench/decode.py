@@ -34,9 +34,10 @@ from torch import nn
 
 import lsrfx
 
+from common import METHODS  # bench/ is on sys.path when run as a script
+
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-METHOD_OPTIONS = {"lora": dict(r=8, alpha=8.0), "lsr": {}, "condlora": dict(r=8), "genlora": {}}
-VARIANTS = ["base", "merged", "peft", *METHOD_OPTIONS]
+VARIANTS = ["base", "merged", "peft", *METHODS]
 
 
 def llama(args: argparse.Namespace) -> nn.Module:
@@ -65,9 +66,9 @@ def make(key: str, args: argparse.Namespace) -> nn.Module:
 
         model = get_peft_model(model, LoraConfig(r=8, lora_alpha=8, lora_dropout=0.0, target_modules=TARGETS))
         perturb(model)
-    elif key in METHOD_OPTIONS or key == "merged":
+    elif key in METHODS or key == "merged":
         method = "lora" if key == "merged" else key
-        model = lsrfx.adapt(model, method=method, targets=TARGETS, **METHOD_OPTIONS[method])
+        model = lsrfx.adapt(model, method=method, targets=TARGETS, **METHODS[method])
         perturb(model)
         if key == "merged":
             model = lsrfx.merge(model)

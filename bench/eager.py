@@ -54,9 +54,10 @@ from torch import nn
 import lsrfx
 from lsrfx.adapted_layer import formed_weight_path
 
+from common import METHODS  # bench/ is on sys.path when run as a script
+
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 BERT_TARGETS = ["query", "value"]
-METHOD_OPTIONS = {"lora": dict(r=8, alpha=8.0), "lsr": {}, "condlora": dict(r=8), "genlora": {}}
 LOAD_LIMIT = 1.5
 
 
@@ -98,7 +99,7 @@ def make_variant(key: str, setup: str, args: argparse.Namespace) -> tuple[nn.Mod
         model = get_peft_model(model, LoraConfig(r=8, lora_alpha=8, lora_dropout=0.0, target_modules=targets,
                                                  modules_to_save=head or None))
     else:
-        model = lsrfx.adapt(model, method=method, targets=targets, trainable=head, **METHOD_OPTIONS[method])
+        model = lsrfx.adapt(model, method=method, targets=targets, trainable=head, **METHODS[method])
     model.train()
     if args.mode == "compiled":
         model = torch.compile(model)
@@ -161,7 +162,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--methods", nargs="+", default=list(METHOD_OPTIONS))
+    p.add_argument("--methods", nargs="+", default=list(METHODS))
     p.add_argument("--formed", action="store_true", help="add each method through the formed weight")
     p.add_argument("--peak", action="store_true", help="peak RSS per variant, one fresh process each")
     p.add_argument("--only", default=None, help=argparse.SUPPRESS)
