@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -12,8 +13,10 @@ from torch import nn
 from lsrfx import adapted_layer, passes, quantized_base, serving, state_dict_hooks
 from lsrfx.adapters import AdapterConfig, LayerSpec, make_config
 from lsrfx.adapters.base import check_size
+from lsrfx.diagnostics import delta_effective_ranks
 from lsrfx.errors import LsrfxError
 from lsrfx.parametrization import AdaptedWeight, adapted_layers, adapter_parameters, base_weight
+from lsrfx.recorder import start_recording, stop_recording
 from lsrfx.targets import Targets, layer_spec, match_parameter_names, select_targets
 from lsrfx.utils import is_parallel_wrapper, unwrap
 
@@ -27,7 +30,7 @@ STATE_ATTR = "_lsrfx_state"
 class AdaptState:
     """What ``adapt`` did to a model, kept on the root module so ``merge``/export/save can undo or replay it.
 
-    It holds no export state: the inputs export falls back on are recorded by :mod:`lsrfx.export.recorded_inputs`.
+    It holds no export state: the inputs export falls back on are recorded by :mod:`lsrfx.recorder`.
     """
 
     config: AdapterConfig
@@ -66,14 +69,12 @@ def adapt(
     Besides the model, ``adapt`` sets up two things: it installs lsrfx's fusion pass into Inductor's pre-grad
     passes (:func:`lsrfx.passes.install`: idempotent, applies ``LSRFX_LOG``; graphs without lsrfx ops pass through
     unchanged), so that ``torch.compile`` fuses the adapters; and it records a few rows of each forward call's
-    inputs (:mod:`lsrfx.export.recorded_inputs`), so ``merge_and_export`` needs no example inputs after a forward.
+    inputs (:mod:`lsrfx.recorder`), so ``merge_and_export`` needs no example inputs after a forward.
 
     Checkpoints: an adapted layer's ``state_dict`` also holds ``weight`` = ``W0 + dW``, which plain models (a Hugging
     Face ``from_pretrained``) load, and a base checkpoint's ``weight`` loads into an adapted model as ``W0``
     (:mod:`lsrfx.state_dict_hooks`). A ``meta``-device model may be adapted: ``to_empty`` re-initialises the adapters.
     """
-    from lsrfx.export.recorded_inputs import start_recording  # on use: lsrfx.export imports this module
-
     _refuse_wrappers(model)
     root = unwrap(model)
     if adapt_state(root) is not None or any(True for _ in adapted_layers(root)):
@@ -245,8 +246,6 @@ def remove_adapters(model: nn.Module, *, fold: bool, keep_original: set[str] = f
     """Remove every lsrfx object from ``model``: parametrizations (``fold``: keep ``W0 + dW``, else restore
     ``W0``; layers in ``keep_original`` always get ``W0`` back), the input recorder and the state; parameters
     ``adapt`` froze become trainable again."""
-    from lsrfx.export.recorded_inputs import stop_recording  # on use: lsrfx.export imports this module
-
     root = unwrap(model)
     state = adapt_state(root)
     for name, module, _ in list(adapted_layers(root)):
@@ -297,10 +296,6 @@ def summary(model: nn.Module) -> str:
     exp of the entropy of dW's normalised singular values (:func:`lsrfx.diagnostics.effective_rank`); at most the
     adapter's rank, 0.0 while dW = 0 (right after ``adapt``), "-" on the ``meta`` device, "nan" if dW is not
     finite."""
-    import math
-
-    from lsrfx.diagnostics import delta_effective_ranks  # local: this function is its only user here
-
     root = unwrap(model)
     state = adapt_state(root)
     if state is None:

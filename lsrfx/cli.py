@@ -285,7 +285,7 @@ def finetune(args: argparse.Namespace) -> int:
 
 
 def inspect(args: argparse.Namespace) -> int:
-    from lsrfx.finetune.inspect_model import inspect_model
+    from lsrfx.inspection import inspect_model
 
     options = method_options(args, [args.method])[args.method]
     print(inspect_model(model_dir=args.model, model_type=args.config, layers=args.layers, method=args.method,

@@ -11,8 +11,8 @@ from torch import nn
 
 import lsrfx
 from lsrfx import LsrfxError
-from lsrfx.export.recorded_inputs import latest
 from lsrfx.parametrization import adapted_layers
+from lsrfx.recorder import latest
 
 from conftest import tiny_bert, tiny_gpt2
 

@@ -16,8 +16,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from lsrfx.api import adapt_state
-from lsrfx.export.recorded_inputs import stop_recording
 from lsrfx.parametrization import adapted_layers, give_private_class
+from lsrfx.recorder import stop_recording
 from lsrfx.utils import unwrap
 
 

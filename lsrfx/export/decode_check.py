@@ -30,7 +30,7 @@ from lsrfx.errors import LsrfxError
 from lsrfx.export import inputs as inp
 from lsrfx.export import verify as ver
 from lsrfx.export.decoder import DecoderSpec
-from lsrfx.export.recorded_inputs import Inputs
+from lsrfx.recorder import Inputs
 
 NEW_TOKENS = 16
 PROMPT_MIN, PROMPT_MAX = 6, 32

@@ -2,7 +2,7 @@
 
 ``merge_and_export`` takes ``example_inputs`` as a tensor, a tuple of positional arguments, a dict of keyword
 arguments, or an ``(args_tuple, kwargs_dict)`` pair. Without them it uses a few rows of the inputs of the model's
-latest forward call (recorded once per call structure, see :mod:`lsrfx.export.recorded_inputs`), else a Hugging
+latest forward call (recorded once per call structure, see :mod:`lsrfx.recorder`), else a Hugging
 Face model's ``dummy_inputs``.
 """
 
@@ -16,9 +16,9 @@ from torch import Tensor, nn
 from torch.export import Dim, ShapesCollection
 from torch.utils import _pytree as pytree
 
+from lsrfx import recorder
 from lsrfx.errors import LsrfxError
-from lsrfx.export import recorded_inputs
-from lsrfx.export.recorded_inputs import Inputs
+from lsrfx.recorder import Inputs
 
 # Training-only keyword inputs of `transformers` models: not part of an inference graph.
 LABEL_KEYS = ("labels", "start_positions", "end_positions", "next_sentence_label", "return_loss")
@@ -50,9 +50,9 @@ def find_inputs(root: nn.Module, example_inputs: Any) -> tuple[Inputs, str]:
     """The inputs to export with and where they came from (``"given"``, the last forward, ``"dummy_inputs"``)."""
     if example_inputs is not None:
         return normalize(example_inputs), "given"
-    recorded = recorded_inputs.latest(root)
+    recorded = recorder.latest(root)
     if recorded is not None:
-        return recorded, f"last forward, first {recorded_inputs.ROWS} rows"
+        return recorded, f"last forward, first {recorder.ROWS} rows"
     dummy = hf_dummy_inputs(root)
     if dummy is not None:
         return ((), dummy), "dummy_inputs"

@@ -114,7 +114,7 @@ def merge_and_export(
 
     ``example_inputs``: a tensor, a tuple of positional arguments, a dict of keyword arguments or an
     ``(args, kwargs)`` pair; by default two rows of the inputs of the model's latest forward call
-    (of its structure: see :mod:`lsrfx.export.recorded_inputs`), else a Hugging Face model's
+    (of its structure: see :mod:`lsrfx.recorder`), else a Hugging Face model's
     ``dummy_inputs`` (``labels`` and similar training-only keywords are dropped; a ``transformers`` cache is
     turned off). ``dynamic``: batch and sequence axes (dims 0 and 1 of each tensor input) stay symbolic where the
     model allows. ``opset``: the ONNX opset (default: the exporter's). ``verify``: run the file in onnxruntime on

@@ -5,8 +5,9 @@ at most the first :data:`ROWS` rows of the call's tensors, in a table keyed weak
 the first call and again only when a call's structure differs from the recorded one (:func:`signature`: argument
 names and nesting, each tensor's rank and dtype, the values of plain Python arguments), so a training loop pays no
 copy and no allocation per step; a different sequence length or batch size is the same structure (export makes
-those axes dynamic anyway). So ``merge_and_export(model, path)`` needs no example inputs after any forward, the caller's batch is
-never kept alive (only a few rows are copied), and the core (``lsrfx.api``) carries no export state.
+those axes dynamic anyway). So ``merge_and_export(model, path)`` needs no example inputs after any forward, the
+caller's batch is never kept alive (only a few rows are copied), and the core (``lsrfx.api``) carries no export
+state: it sits below the API and the export, which both read it.
 ``merge`` / ``remove_adapters`` call :func:`stop_recording`.
 
 A ``transformers`` key/value cache among the inputs (``generate`` passes a ``DynamicCache`` that its later steps

@@ -16,8 +16,8 @@ from torch import nn
 from torch._dynamo.utils import counters
 
 import lsrfx
-from lsrfx.export.recorded_inputs import ROWS, latest
 from lsrfx.parametrization import adapter_parameters
+from lsrfx.recorder import ROWS, latest
 from lsrfx.utils import unwrap
 
 from conftest import TINY_OPTIONS, TOY_WIDTH, ToyNet, tiny_llama, tiny_mlp
