@@ -40,6 +40,7 @@ from lsrfx.parametrization import (
     adapted_weight,
     base_weight,
     give_private_class,
+    layer_adaptation,
     refuse_script,
     set_base_weight,
     stored_weight,
@@ -126,7 +127,7 @@ def formed_weight_path() -> Iterator[None]:
 
 def adapted_forward(self: nn.Module, x: Tensor) -> Tensor:
     """The forward of every adapted ``nn.Linear`` / ``Conv1D`` (see the module docstring)."""
-    param = self.parametrizations["weight"][0]
+    param = layer_adaptation(self)
     rows = active_rows()
     if rows is not None:  # one adapter set per batch row (lsrfx.serving)
         out = base_output(self, param, x)
@@ -175,7 +176,7 @@ def lowrank_forward(module: nn.Module, param: AdaptedWeight, x: Tensor) -> Tenso
 def quantized_compiled_forward(module: nn.Module, param: AdaptedWeight, x: Tensor) -> Tensor:
     """Under ``torch.compile``: torchao's kernel for the quantized base and the low-rank term beside it (Inductor
     compiles both; the FX pass has no fused kernel over a torchao tensor)."""
-    w0 = module.parametrizations["weight"].original
+    w0 = base_weight(module)
     a, b = param.adapter.factors(dense(w0) if param.adapter.reads_base_weight else w0)
     out = F.linear(x, w0, module.bias)
     delta = F.linear(F.linear(x.to(a.dtype), a), b)

@@ -15,7 +15,7 @@ from lsrfx.adapters import AdapterConfig, LayerSpec, make_config
 from lsrfx.adapters.base import check_size
 from lsrfx.diagnostics import delta_effective_ranks
 from lsrfx.errors import LsrfxError
-from lsrfx.parametrization import AdaptedWeight, adapted_layers, adapter_parameters, base_weight
+from lsrfx.parametrization import ORIGINAL_KEY, AdaptedWeight, adapted_layers, adapter_parameters, base_weight
 from lsrfx.recorder import start_recording, stop_recording
 from lsrfx.targets import Targets, layer_spec, match_parameter_names, select_targets
 from lsrfx.utils import is_parallel_wrapper, unwrap
@@ -226,7 +226,7 @@ def tied_base_weights(root: nn.Module) -> dict[str, list[str]]:
         owners.setdefault(id(p), []).append(name)
     ties = {}
     for name, module, _ in adapted_layers(root):
-        own = f"{name}.parametrizations.weight.original"
+        own = f"{name}.{ORIGINAL_KEY}"
         others = [n for n in owners.get(id(base_weight(module)), []) if n != own]
         if others:
             ties[name] = others

@@ -74,6 +74,22 @@ def _owns_meta_parameters(module: nn.Module) -> bool:
     return any(p.is_meta for p in module.parameters(recurse=False))
 
 
+ORIGINAL_KEY = "parametrizations.weight.original"  # W0's name under an adapted layer (state_dict key suffix)
+PARAMETRIZATIONS_KEY = "parametrizations.weight."  # what every tensor of an adapted layer's adaptation starts with
+
+
+def weight_parametrizations(module: nn.Module) -> nn.ModuleList:
+    """An adapted layer's ``parametrize`` list for ``weight`` (its ``original`` is ``W0``, item 0 the
+    :class:`AdaptedWeight`)."""
+    return module.parametrizations["weight"]
+
+
+def layer_adaptation(module: nn.Module) -> AdaptedWeight:
+    """The :class:`AdaptedWeight` of a layer known to be adapted (the forward's fast path; see
+    :func:`adapted_weight` for any layer)."""
+    return module.parametrizations["weight"][0]
+
+
 def adapted_weight(module: nn.Module) -> AdaptedWeight | None:
     """The lsrfx parametrization on ``module.weight``, if any."""
     if not parametrize.is_parametrized(module, "weight"):
@@ -113,12 +129,12 @@ def give_private_class(module: nn.Module) -> None:
 
 def base_weight(module: nn.Module) -> Tensor:
     """The frozen ``W0`` of an adapted layer, in the layer's own storage layout (quantized if the base is)."""
-    return module.parametrizations["weight"].original
+    return weight_parametrizations(module).original
 
 
 def set_base_weight(module: nn.Module, weight: nn.Parameter) -> None:
     """Replace an adapted layer's ``W0`` (dequantising a quantized base for merge and export)."""
-    module.parametrizations["weight"].original = weight
+    weight_parametrizations(module).original = weight
     adapted_weight(module).quantized = is_quantized(weight)
 
 

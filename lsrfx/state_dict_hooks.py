@@ -23,10 +23,9 @@ import torch
 from torch import Tensor, nn
 
 from lsrfx.errors import LsrfxError
-from lsrfx.parametrization import AdaptedWeight
+from lsrfx.parametrization import ORIGINAL_KEY, PARAMETRIZATIONS_KEY, AdaptedWeight, weight_parametrizations
 
-ORIGINAL = "parametrizations.weight.original"
-ADAPTER_PREFIX = "parametrizations.weight."
+ORIGINAL, ADAPTER_PREFIX = ORIGINAL_KEY, PARAMETRIZATIONS_KEY
 
 
 def _is_sharded(t: Tensor) -> bool:
@@ -35,7 +34,7 @@ def _is_sharded(t: Tensor) -> bool:
 
 def add_merged_weight(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
     """``state_dict`` post-hook: store the adapted weight ``W0 + dW`` under ``prefix + "weight"``."""
-    if any(_is_sharded(p) for p in module.parametrizations["weight"].parameters()):
+    if any(_is_sharded(p) for p in weight_parametrizations(module).parameters()):
         return
     with torch.no_grad():
         state_dict[prefix + "weight"] = module.weight.detach()
@@ -51,7 +50,7 @@ def route_weight_key(module: nn.Module, state_dict: dict, prefix: str, local_met
     if original in state_dict:
         del state_dict[weight]
         return
-    own = {prefix + ADAPTER_PREFIX + n: p for n, p in module.parametrizations["weight"].named_parameters()
+    own = {prefix + ADAPTER_PREFIX + n: p for n, p in weight_parametrizations(module).named_parameters()
            if n != "original"}
     present = sorted(k for k in own if k in state_dict)
     if present:
@@ -64,7 +63,7 @@ def route_weight_key(module: nn.Module, state_dict: dict, prefix: str, local_met
     if not base.is_meta and any(p.is_meta for p in own.values()):
         # load_state_dict(base, assign=True) into a meta-device model: the adapters get the base weight's device
         # and their method's init (AdaptedWeight re-initialises what it moves off meta).
-        for parametrization in module.parametrizations["weight"]:
+        for parametrization in weight_parametrizations(module):
             if isinstance(parametrization, AdaptedWeight):
                 parametrization.to_empty(device=base.device)
         own = {k: module.get_parameter(k[len(prefix):]) for k in own}
