@@ -172,8 +172,8 @@ def add_finetune(p: argparse.ArgumentParser) -> None:
                    "torchao Int8WeightOnlyConfig (QLoRA-style; needs the lsrfx[quant] extra); the head stays fp32 and "
                    "the export is the merged float model (default: %(default)s)")
     t.add_argument("--compile", action=argparse.BooleanOptionalAction, default=defaults.COMPILE,
-                   help="train through torch.compile and the lsrfx pass (default: off; on a 2-core CPU compiling "
-                   "took minutes and steps were no faster, see README)")
+                   help="train through torch.compile and the lsrfx pass (default: off: on a small CPU the first "
+                   "step's compilation outweighs what it saves, see docs/results.md)")
     t.add_argument("--export", action=argparse.BooleanOptionalAction, default=True,
                    help="merge and export each run to a verified ONNX file (default: on)")
     t.add_argument("--threads", type=int, help="torch CPU threads (default: the cores the 1-minute load average "

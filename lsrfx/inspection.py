@@ -2,7 +2,7 @@
 
 The example inputs follow the model's ``forward``: token ids for encoders and decoders, ``input_ids`` plus
 ``decoder_input_ids`` for encoder-decoders (T5, BART), ``pixel_values`` of the config's image size and channels for
-vision models (ViT). The README's tested architectures (:data:`TESTED_TYPES`) each run in the tests.
+vision models (ViT). The tested architectures the README lists (:data:`TESTED_TYPES`) each run in the tests.
 """
 
 from __future__ import annotations

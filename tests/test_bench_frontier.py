@@ -1,6 +1,6 @@
 """``bench/frontier.py``'s points: every one is a valid ``lsrfx finetune`` configuration, its adapter parameter count
 (built on all-MiniLM-L6-v2's 12 adapted 384 x 384 layers) is the one its finished runs recorded, and the points that
-stand for a LoRA budget are within the script's 15 % of it (the README's frontier table rests on this)."""
+stand for a LoRA budget are within the script's 15 % of it (docs/results.md's frontier table rests on this)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ RESULTS = BENCH / "results"
 LAYERS = [f"encoder.layer.{i}.attention.self.{name}" for i in range(6) for name in ("query", "value")]
 LORA_PER_RANK = 12 * 768  # LoRA r = 1 on the 12 layers
 
-# Point -> the LoRA rank whose budget it stands for (bench/frontier.py's docstring and the README's table)
+# Point -> the LoRA rank whose budget it stands for (bench/frontier.py's docstring and docs/results.md's table)
 BUDGET_POINTS = {
     **{f"lora-r{r}": r for r in (1, 2, 4, 8)},
     **{f"lsr-s{s}": r for s, r in ((5, 1), (10, 2), (19, 4), (38, 8))},

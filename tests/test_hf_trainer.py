@@ -1,6 +1,6 @@
 """Hugging Face ``Trainer`` with lsrfx adapters, every method (issue #9, items 1 and 2).
 
-The recipe below is the README's "Hugging Face Trainer" section, line for line (the README names a real base model
+The recipe below is the Trainer guide's (docs/guides/trainer.md), line for line (the guide names a real base model
 and task; here the base is a tiny random BERT saved with ``save_pretrained`` and the data are random token ids).
 It trains eagerly for a few steps with a checkpoint every ``save_steps``, resumes a second, freshly adapted model
 from the middle checkpoint, then ships the result three ways. Checked, for LoRA, LSR-Adapt, CondLoRA and GenLoRA:
@@ -47,7 +47,7 @@ class TrainSet(torch.utils.data.Dataset):
 
 
 def recipe(method: str, base_dir: str, out: str, train_set: TrainSet) -> tuple:
-    """The README recipe (only ``method=...`` and the tiny options differ)."""
+    """The guide's recipe (only ``method=...`` and the tiny options differ)."""
 
     def adapted_model():
         model = AutoModelForSequenceClassification.from_pretrained(base_dir)
@@ -67,7 +67,7 @@ def recipe(method: str, base_dir: str, out: str, train_set: TrainSet) -> tuple:
 
 
 def ship(model, trainer, out: str) -> None:
-    """The README's three ways to ship the trained model."""
+    """The guide's three ways to ship the trained model."""
     trainer.save_model(f"{out}/final")  # full checkpoint: from_pretrained gives the trained (merged) weights
     lsrfx.save_adapters(model, f"{out}/adapters")  # adapters only; lsrfx.load_adapters(base_model, dir)
     lsrfx.merge(model)  # or fold them in: a plain model

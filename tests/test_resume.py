@@ -1,6 +1,6 @@
 """Checkpoint and resume: stop mid-run, continue in a fresh process from the saved files, reach the same weights.
 
-The checkpoint is what a user's training loop writes (the README recipe): ``lsrfx.save_adapters`` for the
+The checkpoint is what a user's training loop writes (the Trainer guide's recipe for a loop of one's own): ``lsrfx.save_adapters`` for the
 adapters (plus the ``trainable`` head) and one ``torch.save`` of the optimizer, the LR scheduler, the RNG state
 (the model has dropout) and the step. The resumed process builds the *base* model, ``lsrfx.load_adapters`` adapts
 and fills it (checking the base weights' fingerprints), restores the rest and trains to the end. Its final adapters

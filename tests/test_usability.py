@@ -1,6 +1,6 @@
-"""Issue #9, items 3, 4, 6 and 7: ``lsrfx inspect`` on every README architecture, bf16 export on a CPU-only
-onnxruntime, damaged adapter files, and the friction items (string ``targets`` / ``trainable``, a short ``explain``,
-cheap imports, CSV errors, ONNX output names).
+"""What a new user meets first: ``lsrfx inspect`` on every tested architecture, bf16 export on a CPU-only
+onnxruntime, damaged adapter files, string ``targets`` / ``trainable``, a short ``explain``, cheap imports, CSV
+errors and ONNX output names.
 
 References are independent of the code under test: layer names from ``named_modules``, output names from the
 model's own output fields, SHA-256 from ``hashlib`` over the file, module lists from a fresh interpreter.
@@ -42,7 +42,7 @@ def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
     return code, captured.out, captured.err
 
 
-# --- item 3: lsrfx inspect --config X for every architecture the README names ----------------------------------
+# --- lsrfx inspect --config X for every architecture the README names ------------------------------------------
 
 # model type -> (adapted nodes with one layer per stack under the default targets, example input names). Counted by
 # hand from each architecture: q and v per attention block; GPT-2's fused c_attn is one layer; T5 with one layer
@@ -57,12 +57,15 @@ ARCHITECTURES = {
 }
 
 
-def test_architecture_table_covers_the_readme_list():
+def test_the_architectures_the_readme_names_are_the_ones_inspected():
+    """The README's list of tested architectures, lsrfx inspect's tested types and this test's table agree."""
+    from lsrfx.inspection import TESTED_TYPES
+
     readme = (Path(__file__).parents[1] / "README.md").read_text()
-    tested = readme[readme.index("Tested architectures"):].split("\n\n")[0]
-    for name in ("BERT", "RoBERTa", "GPT-2", "Llama", "T5", "ViT"):
-        assert name in tested
-    assert len(ARCHITECTURES) == 6
+    tested = readme[readme.index("Tested architectures"):].split("\n")[0:2]
+    names = {"bert": "BERT", "roberta": "RoBERTa", "gpt2": "GPT-2", "llama": "Llama", "t5": "T5", "vit": "ViT"}
+    assert set(ARCHITECTURES) == set(TESTED_TYPES) == set(names)
+    assert all(names[t] in " ".join(tested) for t in TESTED_TYPES)
 
 
 @pytest.mark.parametrize("model_type", list(ARCHITECTURES))
@@ -97,7 +100,7 @@ def test_unknown_config_lists_a_few_close_matches(model_type, expected, capsys):
     assert expected in err and len(err) < 300, err
 
 
-# --- item 4: bf16 export where onnxruntime has only the CPU provider ------------------------------------------------
+# --- bf16 export where onnxruntime has only the CPU provider -------------------------------------------------------
 
 needs_cpu_only_ort = pytest.mark.skipif("CUDAExecutionProvider" in ort.get_available_providers(),
                                         reason="onnxruntime has CUDA here: bf16 verification is possible")
@@ -136,7 +139,7 @@ def test_bf16_export_unverified_or_as_float32_copy(tmp_path):
     assert next(model.parameters()).dtype == torch.bfloat16  # the caller's model is untouched
 
 
-# --- item 6: damaged adapter data ------------------------------------------------------------------------------------
+# --- damaged adapter data -------------------------------------------------------------------------------------------
 
 
 def saved_adapters(tmp_path: Path) -> tuple[Path, torch.Tensor]:
@@ -188,7 +191,7 @@ def test_files_without_a_checksum_still_load(tmp_path):
         torch.testing.assert_close(model(IDS).logits, want, rtol=0, atol=0)
 
 
-# --- item 7: friction ------------------------------------------------------------------------------------------------
+# --- strings as targets and trainable, explain, imports, CSV errors, output names -----------------------------------
 
 
 def test_a_bare_string_target_is_one_suffix():

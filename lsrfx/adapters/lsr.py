@@ -33,11 +33,9 @@ def balanced_split(d: int) -> tuple[int, int]:
 class LSRConfig(AdapterConfig):
     """LSR-Adapt's options; rank ``r = r1 * r2``.
 
-    Defaults r1 = 2, r2 = 4, S = 11: rank 8 at about the parameters of the paper's r1 = r2 = 2, S = 16 (2,464 vs
-    2,560 per 384 x 384 layer). The paper's rank-4 setting spent its parameters on S, which barely mattered, while
-    its trained update used all 4 directions; at rank 8 the validation accuracy on ``lsrfx finetune``'s task rose on
-    each of 3 seeds (86.67 vs 85.78 % mean) and the test accuracy came within 0.4 points of LoRA r = 8 with 40 % of
-    its parameters (README, "Quality per parameter"). ``LSRConfig(r2=2, separation_rank=16)`` is the paper's."""
+    Defaults r1 = 2, r2 = 4, S = 11: rank 8 at about the parameter count of the paper's r1 = r2 = 2, S = 16, chosen
+    over it on the validation split of ``lsrfx finetune``'s task (docs/results.md, "Quality per parameter", has the
+    measurements). ``LSRConfig(r2=2, separation_rank=16)`` is the paper's setting."""
 
     method = "lsr"
     r1: int = option_field(2, "rank of the first Kronecker factor (the update's rank is r1 * r2)", minimum=1)
