@@ -129,7 +129,7 @@ def adapted_forward(self: nn.Module, x: Tensor) -> Tensor:
     """The forward of every adapted ``nn.Linear`` / ``Conv1D`` (see the module docstring)."""
     param = layer_adaptation(self)
     rows = active_rows()
-    if rows is not None:  # one adapter set per batch row (lsrfx.serving)
+    if rows is not None and rows.apply_to(param):  # one adapter set per batch row (lsrfx.serving)
         out = base_output(self, param, x)
         return out + rows_delta(param, x, rows).to(out.dtype)
     if torch.compiler.is_compiling():

@@ -215,10 +215,17 @@ _local = _ThreadState()
 
 @dataclass(frozen=True)
 class Rows:
-    """This thread's row assignment: the stack slot of every batch row, and the names (for messages)."""
+    """This thread's row assignment: the stack slot of every batch row, the names (for messages), and which model's
+    stacks the slots index (``id`` of its :class:`Serving` record): another adapted model called meanwhile in the same
+    thread ignores them."""
 
     index: Tensor
     names: tuple
+    owner: int
+
+    def apply_to(self, param: AdaptedWeight) -> bool:
+        """Whether these rows are for the model ``param``'s layer belongs to."""
+        return param.__dict__.get("_lsrfx_rows_owner") == self.owner
 
 
 def active_rows() -> Rows | None:
@@ -233,7 +240,7 @@ def _rows_for(root: nn.Module, names: Sequence[str | None]) -> Rows:
     serving = serving_of(root)
     slots = [serving.slot(n) for n in names]
     device = next((p.device for p in root.parameters()), torch.device("cpu"))
-    return Rows(torch.tensor(slots, dtype=torch.long, device=device), tuple(names))
+    return Rows(torch.tensor(slots, dtype=torch.long, device=device), tuple(names), id(serving))
 
 
 @contextlib.contextmanager
@@ -283,7 +290,7 @@ def _refresh_layer_stack(name: str, module: nn.Module, param: AdaptedWeight, ser
     """One layer's stack: slot 0 zeros (no adapter), 1 the model's own adapter, then each named set (zeros where a
     set does not adapt this layer), every rank padded with zeros to the largest."""
     a_own, b_own = inference_factors(module, param)
-    key = (serving.version, param.__dict__.get("_lsrfx_key"))
+    key = (id(serving), serving.version, param.__dict__.get("_lsrfx_key"))
     if param.__dict__.get("_lsrfx_rows_key") == key:
         return
     d_out, d_in = b_own.shape[0], a_own.shape[1]
@@ -301,6 +308,7 @@ def _refresh_layer_stack(name: str, module: nn.Module, param: AdaptedWeight, ser
     _set_buffer(param, "rows_A", stack_a)
     _set_buffer(param, "rows_B", stack_b)
     param.__dict__["_lsrfx_rows_key"] = key
+    param.__dict__["_lsrfx_rows_owner"] = id(serving)
 
 
 def _set_buffer(module: nn.Module, name: str, value: Tensor) -> None:

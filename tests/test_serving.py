@@ -293,3 +293,13 @@ def test_the_serving_guide_example_runs_and_answers_from_whole_sets() -> None:
     asked = ns["requests"] + [(prompt, "medical") for prompt, _ in ns["requests"][:4]]
     for (prompt, name), got in zip(asked, ns["answers"], strict=True):
         assert got[0].tolist() in [alone(d, prompt) for d in sources[name]], name
+
+
+def test_rows_of_one_model_do_not_reach_another_model_called_meanwhile(tmp_path) -> None:
+    a = save_set(tmp_path / "a", bert, "lora", 1, ["query", "value"])
+    served = lsrfx.load_adapters(bert(), a)
+    lsrfx.load_adapters(served, a, name="a")
+    other = lsrfx.load_adapters(bert(), a)  # another adapted model, no named sets
+    want = logits(other, IDS)
+    with lsrfx.use_adapters(served, [None, "a"]):
+        assert torch.equal(logits(other, IDS), want)
