@@ -215,8 +215,10 @@ def test_explain_reports_decisions_and_counts():
     model = adapted_tiny("gpt2", "lsr")
     text = lsrfx.explain(model, torch.randint(0, 100, (2, 5)), graphs=True)
     assert "fused ops: 2 of 2 adapted node(s)" in text
-    assert text.count(": fused -> lsr_linear") == 2
-    assert text.count("[addmm, lsrfx::lsr_linear]: fused") == 2  # Conv1D's addmm, fused op named in full
+    # Off CUDA LSR-Adapt fuses through lowrank_linear fed by its kron_sum nodes (which the pass batches across layers)
+    assert text.count(": fused -> lowrank_linear") == 2
+    assert text.count("[addmm, lsrfx::lowrank_linear]: fused") == 2  # Conv1D's addmm, fused op named in full
+    assert text.count("A and B formed by kron_sum ops (off CUDA)") == 2
     assert "--- after the lsrfx pass ---" in text and "FUSED" in text
     assert "=== graph breaks ===" in text
     plain, _ = tiny("bert")
@@ -227,7 +229,7 @@ def test_explain_shows_merged_layers(monkeypatch):
     monkeypatch.setenv("LSRFX_FUSE", "merged")
     text = lsrfx.explain(adapted_tiny("gpt2", "lsr"), torch.randint(0, 100, (2, 5)), graphs=True)
     assert "fusion policy 'merged'" in text and "2 adapted node(s), 0 fused, 2 merged" in text
-    assert text.count("[addmm, lsrfx::lsr_linear]: merged -> merged_linear") == 2
+    assert text.count("[addmm, lsrfx::lowrank_linear]: merged -> merged_linear") == 2
     assert "MERGED" in text and "fused ops: 0 of 2 adapted node(s); merged: 2" in text
 
 
@@ -386,3 +388,15 @@ def test_small_factor_products_become_reductions(d):
     matmuls = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is operator.matmul]
     assert len(matmuls) == (0 if small else 2)
     torch.testing.assert_close(gm(x, w0, bias, ca, cb), want, atol=1e-3, rtol=1e-4)
+
+
+@pytest.mark.parametrize("method, op, calls", [("genlora", "rbf_bank", 1), ("lsr", "kron_sum", 2)])
+def test_factor_ops_of_equal_shapes_are_batched(method, op, calls):
+    """GenLoRA's RBF banks and LSR-Adapt's Kronecker sums of layers with equal shapes become one batched call on
+    stacked inputs (so the generated code does not grow with the depth). BERT's query and value are both 32 x 32:
+    their four banks share one shape (one call); LSR's A factors and B factors differ (two calls)."""
+    model = adapted_tiny("bert", method)
+    text = lsrfx.explain(model, torch.randint(0, 100, (2, 5)), graphs=True)
+    after = text.split("--- after the lsrfx pass ---")[1]
+    assert "stack_factors" in after and "unstack_factors" in after
+    assert after.count(f"target=torch.ops.lsrfx.{op}.default") == calls  # of 4 calls before the pass

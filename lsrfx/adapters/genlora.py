@@ -65,6 +65,7 @@ from torch import Tensor, nn
 
 from lsrfx.adapters.base import Adapter, AdapterConfig, LayerSpec, alpha_field, check_rank, option_field, rank_field
 from lsrfx.errors import LsrfxError
+from lsrfx.kernels.rbf_bank import rbf_bank_reference, rbf_features, sq_distances
 
 BASES = ("rbf", "centred", "mixed")
 GAMMA_HEURISTICS = ("auto", "median", "nearest")
@@ -138,34 +139,14 @@ def normalise_gamma_init(value: object) -> str:
     return repr(number)
 
 
-def sq_distances(z: Tensor, centres: Tensor) -> Tensor:
-    """``out[i, j] = ||z_j - centres_i||^2``: ``(m, n)``.
-
-    Summed over the latent dimension ``g`` (the group size, 1 to 4 in practice) term by term rather than as one
-    reduction over an ``(m, n, g)`` broadcast: the centres' gradient is then a reduction over ``n`` per latent
-    coordinate, not one ending in ``g``, which Inductor's C++ code would split into an OpenMP parallel region per
-    centre (see ``lowrank_linear.column_major``)."""
-    out = (centres[:, 0, None] - z[None, :, 0]).pow(2)
-    for k in range(1, z.shape[1]):
-        out = out + (centres[:, k, None] - z[None, :, k]).pow(2)
-    return out
-
-
-def rbf_features(z: Tensor, centres: Tensor, log_gamma: Tensor) -> Tensor:
-    """``Phi[i, j] = exp(-||z_j - centres_i||^2 * exp(log_gamma_i))``: ``(m, n)``."""
-    return torch.exp(-sq_distances(z, centres) * log_gamma.exp().unsqueeze(1))
-
-
 def rbf_bank(z: Tensor, centres: Tensor, log_gamma: Tensor, amplitude: Tensor) -> Tensor:
     """``out[i, j] = amplitude_i * exp(-||z_j - centres_i||^2 * exp(log_gamma_i))``: ``(r, n)``."""
-    sq_dist = sq_distances(z, centres)  # (r, n)
-    return amplitude.unsqueeze(1) * torch.exp(-sq_dist * log_gamma.exp().unsqueeze(1))
+    return rbf_bank_reference(z, centres, log_gamma, amplitude, "rbf")
 
 
 def centred_rbf_bank(z: Tensor, centres: Tensor, log_gamma: Tensor, amplitude: Tensor) -> Tensor:
     """``out[i, j] = amplitude_i * (phi_i(z_j) - mean_k phi_i(z_k))``: ``(r, n)``, every row mean-free."""
-    phi = rbf_features(z, centres, log_gamma)
-    return amplitude.unsqueeze(1) * (phi - phi.mean(dim=1, keepdim=True))
+    return rbf_bank_reference(z, centres, log_gamma, amplitude, "centred")
 
 
 def initial_log_gamma(width: float | str, z: Tensor, centres: Tensor) -> Tensor:
@@ -233,15 +214,17 @@ class GenLoRAAdapter(Adapter):
         return phi_a, phi_b
 
     def factors(self, w0: Tensor) -> tuple[Tensor, Tensor]:
-        if self.basis == "mixed":
-            phi_a = rbf_features(self.Z_A, self.centres_A, self.log_gamma_A)  # (m, d_in)
-            phi_b = rbf_features(self.Z_B, self.centres_B, self.log_gamma_B)  # (m, d_out)
-            a = (self.mix_A @ phi_a) * self.d_in**-0.5  # (r, d_in)
-            b = ((self.mix_B @ phi_b) * self.d_out**-0.5).t()  # (d_out, r)
+        weights_a, weights_b = (self.mix_A, self.mix_B) if self.basis == "mixed" else (self.amplitude_A,
+                                                                                      self.amplitude_B)
+        if torch.compiler.is_compiling() and not torch.compiler.is_exporting():
+            # The same values through the ``rbf_bank`` op, which the compile pass batches across layers (one
+            # generated kernel per bank shape instead of code per layer: lsrfx/kernels/rbf_bank.py).
+            bank = torch.ops.lsrfx.rbf_bank
+            a = bank(self.Z_A, self.centres_A, self.log_gamma_A, weights_a, self.basis)  # (r, d_in)
+            b = bank(self.Z_B, self.centres_B, self.log_gamma_B, weights_b, self.basis).t()  # (d_out, r)
             return a, b
-        bank = rbf_bank if self.basis == "rbf" else centred_rbf_bank
-        a = bank(self.Z_A, self.centres_A, self.log_gamma_A, self.amplitude_A)  # (r, d_in)
-        b = bank(self.Z_B, self.centres_B, self.log_gamma_B, self.amplitude_B).t()  # (d_out, r)
+        a = rbf_bank_reference(self.Z_A, self.centres_A, self.log_gamma_A, weights_a, self.basis)  # (r, d_in)
+        b = rbf_bank_reference(self.Z_B, self.centres_B, self.log_gamma_B, weights_b, self.basis).t()  # (d_out, r)
         return a, b
 
     def extra_repr(self) -> str:

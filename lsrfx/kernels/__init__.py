@@ -13,6 +13,8 @@ with quiet_logger("torch._library.triton", enabled=not HAS_TRITON):
     from lsrfx.kernels.lowrank_linear import lowrank_linear
     from lsrfx.kernels.lsr_linear import lsr_linear
 from lsrfx.kernels.merged_linear import merged_linear
+from lsrfx.kernels.rbf_bank import rbf_bank
+from lsrfx.kernels.stacking import stack_factors, unstack_factors
 
 __all__ = ["compose", "compose_reference", "kron_sum", "kron_sum_reference", "lowrank_linear", "lsr_linear",
-           "merged_linear"]
+           "merged_linear", "rbf_bank", "stack_factors", "unstack_factors"]

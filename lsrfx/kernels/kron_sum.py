@@ -15,24 +15,27 @@ from lsrfx.utils import quiet_logger
 
 
 def kron_sum_reference(p: Tensor, q: Tensor) -> Tensor:
-    """``sum_k kron(P[k], Q[k])`` for ``P: (S, m1, n1)``, ``Q: (S, m2, n2)`` -> ``(m1*m2, n1*n2)``.
+    """``sum_k kron(P[k], Q[k])`` for ``P: (S, m1, n1)``, ``Q: (S, m2, n2)`` -> ``(m1*m2, n1*n2)``; any leading
+    batch dimensions (the same on ``P`` and ``Q``) are kept, one Kronecker sum per batch element (the compile pass
+    stacks equal-shaped layers: :mod:`lsrfx.passes.batch`).
 
     Written as a broadcast product summed over ``S`` so that Inductor makes it one reduction kernel writing the
     Kronecker layout directly (an ``einsum`` lowers to a batched matmul plus permute copies)."""
-    _, m1, n1 = p.shape
-    _, m2, n2 = q.shape
-    return (p[:, :, None, :, None] * q[:, None, :, None, :]).sum(0).reshape(m1 * m2, n1 * n2)
+    *lead, _, m1, n1 = p.shape
+    m2, n2 = q.shape[-2:]
+    return (p[..., :, :, None, :, None] * q[..., :, None, :, None, :]).sum(-5).reshape(*lead, m1 * m2, n1 * n2)
 
 
 def kron_sum_grads(grad: Tensor, p: Tensor, q: Tensor, need_p: bool = True,
                    need_q: bool = True) -> tuple[Tensor | None, Tensor | None]:
     """Chain ``grad`` of ``M = sum_k kron(P[k], Q[k])`` to ``(grad_P, grad_Q)`` (``None`` where not needed): one
-    broadcast-product reduction each, for the same reason as :func:`kron_sum_reference`."""
-    _, m1, n1 = p.shape
-    _, m2, n2 = q.shape
-    g = grad.reshape(1, m1, m2, n1, n2)
-    grad_p = (g * q[:, None, :, None, :]).sum((2, 4)) if need_p else None
-    grad_q = (g * p[:, :, None, :, None]).sum((1, 3)) if need_q else None
+    broadcast-product reduction each, for the same reason as :func:`kron_sum_reference` (leading batch dimensions
+    likewise)."""
+    *lead, _, m1, n1 = p.shape
+    m2, n2 = q.shape[-2:]
+    g = grad.reshape(*lead, 1, m1, m2, n1, n2)
+    grad_p = (g * q[..., :, None, :, None, :]).sum((-3, -1)) if need_p else None
+    grad_q = (g * p[..., :, :, None, :, None]).sum((-4, -2)) if need_q else None
     return grad_p, grad_q
 
 
@@ -41,20 +44,21 @@ def formed_transposed(p: Tensor, q: Tensor) -> bool:
     has fewer columns than rows (LSR-Adapt's ``B``, ``N x r``), by
     :func:`lsrfx.kernels.lowrank_linear.formed_transposed`. The reduction then ends in ``N2``, not ``r2``, and so do
     the factor gradients (see :func:`lsrfx.kernels.lowrank_linear.column_major` for why that matters)."""
-    return lowrank_linear.formed_transposed(p.shape[1] * q.shape[1], p.shape[2] * q.shape[2])
+    return lowrank_linear.formed_transposed(p.shape[-2] * q.shape[-2], p.shape[-1] * q.shape[-1])
 
 
 def kron_sum_formed(p: Tensor, q: Tensor) -> Tensor:
     """:func:`kron_sum_reference` in the layout :func:`formed_transposed` chooses (same values)."""
     if formed_transposed(p, q):
-        return kron_sum_reference(p.mT, q.mT).t()
+        return kron_sum_reference(p.mT, q.mT).mT
     return kron_sum_reference(p, q)
 
 
 def kron_sum_empty(p: Tensor, q: Tensor) -> Tensor:
     """An empty tensor of :func:`kron_sum_formed`'s shape, dtype and layout (what the ops' fake functions return)."""
-    rows, cols = p.shape[1] * q.shape[1], p.shape[2] * q.shape[2]
-    return p.new_empty(cols, rows).t() if formed_transposed(p, q) else p.new_empty(rows, cols)
+    lead = p.shape[:-3]
+    rows, cols = p.shape[-2] * q.shape[-2], p.shape[-1] * q.shape[-1]
+    return p.new_empty(*lead, cols, rows).mT if formed_transposed(p, q) else p.new_empty(*lead, rows, cols)
 
 
 def kron_sum_grads_formed(grad: Tensor, p: Tensor, q: Tensor, need_p: bool = True,
@@ -63,7 +67,7 @@ def kron_sum_grads_formed(grad: Tensor, p: Tensor, q: Tensor, need_p: bool = Tru
     formed transposed, the factor gradients then handed back as transposed views."""
     if not formed_transposed(p, q):
         return kron_sum_grads(grad, p, q, need_p, need_q)
-    grad_pt, grad_qt = kron_sum_grads(grad.t(), p.mT, q.mT, need_p, need_q)
+    grad_pt, grad_qt = kron_sum_grads(grad.mT, p.mT, q.mT, need_p, need_q)
     return (None if grad_pt is None else grad_pt.mT), (None if grad_qt is None else grad_qt.mT)
 
 

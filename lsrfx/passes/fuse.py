@@ -1,20 +1,23 @@
 """The FX rewrite: each adapted linear-like node becomes one lsrfx op (fused or merged), or stays materialised.
 
 For every :class:`~lsrfx.passes.match.Match` the cost model decides. "fused" replaces the consumer by the fused op
-of the match's factor structure (:mod:`lsrfx.kernels.factor_table`): ``lsrfx::lowrank_linear(x, W0, bias, A,
-B, s, transposed)``, or ``lsrfx::lsr_linear`` fed with LSR's Kronecker factors straight from the ``kron_sum``
-nodes; the consumer's uses take the fused op's output 0 (the other outputs are saved for its backward). It erases
-``compose`` and the feed ops once nothing else uses them, so ``dW`` is never formed. "merged" replaces the
-consumer by ``lsrfx::merged_linear(x, W0, bias, A, B, s, transposed)`` on the dense factors (``W0 + dW`` for the
-matmuls, no dense weight gradient). "materialised" leaves ``linear(x, compose(...))`` as it is. The method's factor
-subgraph (LoRA's parameters, CondLoRA's ``C_A @ W0.T``, GenLoRA's RBF bank, LSR's factors) is already in the
-captured graph, upstream of ``compose``; the rewrite rewires it into the new op, and writes a dense factor that is
-a small matrix product as a reduction (see :func:`_products_as_reductions`). Graphs without ``compose`` are not
-touched.
+of the match's factor structure (:mod:`lsrfx.kernels.factor_table`): ``lsrfx::lowrank_linear(x, W0, bias, A, B, s,
+transposed)``, or on CUDA ``lsrfx::lsr_linear`` fed with LSR's Kronecker factors straight from the ``kron_sum``
+nodes (elsewhere LSR's layer fuses as ``lowrank_linear`` on the ``kron_sum`` outputs, see
+:func:`_kronecker_as_dense_off_cuda`); the consumer's uses take the fused op's output 0 (the other outputs are saved
+for its backward). It erases ``compose`` and the feed ops once nothing else uses them, so ``dW`` is never formed.
+"merged" replaces the consumer by ``lsrfx::merged_linear(x, W0, bias, A, B, s, transposed)`` on the dense factors
+(``W0 + dW`` for the matmuls, no dense weight gradient). "materialised" leaves ``linear(x, compose(...))`` as it is.
+The method's factor subgraph (LoRA's parameters, CondLoRA's ``C_A @ W0.T``, GenLoRA's RBF bank, LSR's factors) is
+already in the captured graph, upstream of ``compose``; the rewrite rewires it into the new op, and writes a dense
+factor that is a small matrix product as a reduction (see :func:`_products_as_reductions`). Last, factor ops of
+equal shapes are batched across layers (:mod:`lsrfx.passes.batch`), so the generated code does not grow with the
+depth. Graphs without ``compose`` are not touched.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import operator
 from collections import Counter
@@ -24,9 +27,10 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from lsrfx.kernels.factor_table import KRON_SUM, MERGED_LINEAR, is_call, is_factor_op
+from lsrfx.kernels.factor_table import DENSE, KRON_SUM, MERGED_LINEAR, is_call, is_factor_op
 from lsrfx.kernels.lowrank_linear import formed_transposed
 from lsrfx.passes import cost_model
+from lsrfx.passes.batch import batch_factor_ops
 from lsrfx.passes.logs import LOGGER
 from lsrfx.passes.match import Match, Skip, call_kind, match
 
@@ -154,6 +158,17 @@ def _products_as_reductions(graph: fx.Graph, m: Match) -> int:
     return done
 
 
+def _kronecker_as_dense_off_cuda(m: Match) -> Match:
+    """Off CUDA, LSR-Adapt's layer fuses as the dense structure: ``lowrank_linear`` fed by the ``kron_sum`` nodes'
+    dense ``A`` and ``B``, which stay in the graph. ``lsr_linear`` would form them inside its body there too (only
+    on CUDA does its Triton kernel expand the Kronecker sums itself), but as separate ops they can be batched across
+    layers (:func:`lsrfx.passes.batch.batch_factor_ops`), so the generated code does not grow with the depth."""
+    x = _val(m.x)
+    if m.structure.feed is None or x is None or x.device.type == "cuda":
+        return m
+    return dataclasses.replace(m, structure=DENSE, a_factors=(m.a,), b_factors=(m.b,))
+
+
 def _fused_call(graph: fx.Graph, m: Match) -> tuple[fx.Node, fx.Node]:
     """``(op node, result node)`` of the structure's fused op (output 0 is the layer's output; the others are saved
     for its backward)."""
@@ -195,7 +210,9 @@ def _rewrite(graph: fx.Graph, m: Match, call: Callable[[fx.Graph, Match], tuple[
 def fuse_adapted_linears(graph: fx.Graph, record: bool = True) -> list[Decision]:
     """Rewrite ``graph`` in place; return one :class:`Decision` per adapted linear-like node (empty: untouched).
 
-    ``record``: count the decisions in ``torch._dynamo.utils.counters["lsrfx"]`` and log them (``LSRFX_LOG``)."""
+    Then batches the factor ops of layers with equal shapes (:func:`lsrfx.passes.batch.batch_factor_ops`).
+    ``record``: count the decisions in ``torch._dynamo.utils.counters["lsrfx"]`` (and the calls batched away in
+    ``counters["lsrfx_batched"]``, by op) and log them (``LSRFX_LOG``)."""
     decisions: list[Decision] = []
     for node in list(graph.nodes):
         found = match(node)
@@ -207,23 +224,31 @@ def fuse_adapted_linears(graph: fx.Graph, record: bool = True) -> list[Decision]
             continue
         shape = _shape_of(found)
         action, reason = cost_model.decide(shape)
+        kronecker = found.structure.feed is not None
+        found = _kronecker_as_dense_off_cuda(found)
+        if kronecker and found.structure.feed is None:
+            reason += "; A and B formed by kron_sum ops (off CUDA)"
         d = Decision(node.name, layer, found.kind, found.structure.fused_op_name, action, reason)
         if action in ("fused", "merged"):
             if _products_as_reductions(graph, found):
                 d.reason += "; factor matmuls generated as reductions"
             d.fused_node = _rewrite(graph, found, _fused_call if action == "fused" else _merged_call).name
         decisions.append(d)
+    batched = batch_factor_ops(graph)
     if decisions and record:
-        _record(decisions)
+        _record(decisions, batched)
     return decisions
 
 
-def _record(decisions: list[Decision]) -> None:
+def _record(decisions: list[Decision], batched: dict[str, int]) -> None:
     from torch._dynamo.utils import counters
 
     for d in decisions:
         counters["lsrfx"][d.action] += 1
         log.info("lsrfx: %s", d)
+    for op, saved in batched.items():
+        counters["lsrfx_batched"][op] += saved
+        log.info("lsrfx: %d calls of %s batched into calls on stacked inputs", saved, op)
     n = count_actions(decisions)
     log.info("lsrfx: %d of %d adapted nodes fused in this graph, %d merged", n["fused"], len(decisions), n["merged"])
 

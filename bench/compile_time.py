@@ -1,0 +1,244 @@
+"""Cold compile time: the first compiled training step of every variant, whole-model and per-block, by depth.
+
+The model is bench/eager.py's Llama (from a config: hidden ``--hidden``, default 1024; intermediate 2.75 x hidden;
+``hidden / 64`` heads, ``hidden / 256`` key/value heads; vocabulary 1024) with every linear layer of every block
+adapted (``q k v o gate up down``), a batch of ``--batch x --seq`` (default 2 x 128) token ids, the causal-LM loss,
+``use_cache=False`` (a KV cache's per-layer state would make each block's call differ). Variants (``--methods``):
+``floor`` (no adapter, frozen base, the embeddings trained so that the input gradient flows through every layer),
+``peft`` (peft LoRA r = 8, alpha 8) and every lsrfx method at its defaults (bench/common.py). Modes (``--modes``):
+``whole`` is ``torch.compile(model)``; ``blocks`` is ``lsrfx.compile_blocks(model)`` (each decoder layer compiled
+in place, one compiled block code for all of them; the embeddings, head and loss run eagerly).
+
+Each (variant, mode, depth) runs in a fresh process with an empty Inductor cache directory (``TORCHINDUCTOR_CACHE_DIR``,
+so nothing is reused from an earlier run: FX graph, AOTAutograd and C++ kernel caches all start empty). In it:
+
+* **cold s**: wall time of the first training step (forward, backward, eager AdamW step), which includes Dynamo's
+  trace, the lsrfx pass, AOTAutograd, Inductor's lowering and code generation and the C++ compilation;
+* **cpu s**: CPU time of that step summed over the process and its children (Inductor's compile workers and the
+  compilers they run, read from ``/proc``): less sensitive than wall time to other processes on the machine;
+* **step ms**: median of ``--steps`` compiled steps after it (indicative only: one process per variant, not
+  interleaved; bench/train_step.py and bench/eager.py measure step time properly);
+* **graphs**, **breaks**: Dynamo graphs compiled and graph breaks; ``fused`` the adapted nodes the lsrfx pass fused
+  or merged (``counters["lsrfx"]``).
+
+Then a second fresh process on the same, now warm, cache directory times its first step again: **warm s**. **x peft**
+is a variant's cold time over peft's whole-model cold time at the same depth (the issue's targets: every lsrfx
+method <= 1.10 whole-model at 4, 8 and 16 layers; per-block at 16 layers below peft whole-model). Run nothing else
+beside it: compile time is CPU-bound and other processes inflate it.
+
+    python bench/compile_time.py --out bench/results/compile_time_1024.txt       # every variant, 4/8/16, both modes
+    python bench/compile_time.py --layers 16 --modes blocks --methods peft lsr genlora
+    python bench/compile_time.py --hidden 64 --layers 1 2 --seq 16 --steps 1      # smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+VARIANTS_BEFORE = ["floor", "peft"]
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+WHOLE_TARGET = 1.10  # every lsrfx method's cold whole-model first step <= this x peft's, at every depth
+BLOCKS_DEPTH = 16  # per-block: the cold first step at this depth below peft's whole-model one
+
+
+def _descendants(pid: int) -> list[int]:
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        try:
+            children = Path(f"/proc/{p}/task/{p}/children").read_text().split()
+        except OSError:
+            continue
+        todo += [int(c) for c in children]
+    return out
+
+
+def cpu_seconds() -> float:
+    """CPU time (user + system) of this process, its live descendants and their reaped children."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in _descendants(os.getpid()):
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += sum(int(f) for f in fields[11:15])  # utime, stime, cutime, cstime
+    return total / ticks
+
+
+# ---------------------------------------------------------------------------------------------------- child
+
+
+def child(args: argparse.Namespace) -> dict:
+    """One (variant, mode, depth) in this process: build, first step (timed), ``--steps`` more; a JSON row."""
+    import torch
+    from torch._dynamo.utils import counters
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import lsrfx
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from common import METHODS
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    h = args.hidden
+    cfg = LlamaConfig(vocab_size=1024, hidden_size=h, intermediate_size=int(2.75 * h) // 8 * 8,
+                      num_hidden_layers=args.layers[0], num_attention_heads=max(1, h // 64),
+                      num_key_value_heads=max(1, h // 256), max_position_embeddings=4096, attn_implementation="sdpa")
+    model = LlamaForCausalLM(cfg)
+    variant = args.child
+    if variant == "floor":
+        model.requires_grad_(False)
+        model.get_input_embeddings().weight.requires_grad_(True)
+    elif variant == "peft":
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=8, lora_dropout=0.0, target_modules=TARGETS))
+    else:
+        model = lsrfx.adapt(model, method=variant, targets=TARGETS, **METHODS[variant])
+    model.train()
+    compiled = torch.compile(model) if args.modes[0] == "whole" else lsrfx.compile_blocks(model)
+    ids = torch.randint(0, 1024, (args.batch, args.seq))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+    def step() -> float:
+        loss = compiled(input_ids=ids, labels=ids, use_cache=False).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.item()
+
+    counters.clear()
+    cpu0, t0 = cpu_seconds(), time.perf_counter()
+    step()
+    cold, cpu = time.perf_counter() - t0, cpu_seconds() - cpu0
+    graphs = counters["stats"]["unique_graphs"]
+    times = []
+    for _ in range(args.steps):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    return {"variant": variant, "mode": args.modes[0], "layers": args.layers[0], "first_s": cold, "cpu_s": cpu,
+            "step_ms": 1e3 * statistics.median(times) if times else float("nan"), "graphs": graphs,
+            "later_graphs": counters["stats"]["unique_graphs"] - graphs,
+            "breaks": sum(counters["graph_break"].values()),
+            "fused": counters["lsrfx"]["fused"] + counters["lsrfx"]["merged"]}
+
+
+# ---------------------------------------------------------------------------------------------------- parent
+
+
+def run_child(args: argparse.Namespace, variant: str, mode: str, layers: int, cache: str) -> dict | None:
+    cmd = [sys.executable, __file__, "--child", variant, "--modes", mode, "--layers", str(layers),
+           "--hidden", str(args.hidden), "--batch", str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps)]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache, "TRITON_CACHE_DIR": os.path.join(cache, "triton")}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not rows:
+        tail = "\n".join(proc.stderr.strip().splitlines()[-5:])
+        print(f"  {variant} {mode} {layers} layers failed (exit {proc.returncode}):\n{tail}", flush=True)
+        return None
+    return json.loads(rows[-1])
+
+
+def table(rows: list[dict]) -> list[str]:
+    peft = {r["layers"]: r["first_s"] for r in rows if r["variant"] == "peft" and r["mode"] == "whole"}
+    lines = ["| variant | mode | layers | cold s | x peft | cpu s | warm s | step ms | graphs | breaks | fused |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ratio = f"{r['first_s'] / peft[r['layers']]:.2f}" if r["layers"] in peft else "-"
+        warm = f"{r['warm_s']:.1f}" if r.get("warm_s") is not None else "-"
+        lines.append(f"| {r['variant']} | {r['mode']} | {r['layers']} | {r['first_s']:.1f} | {ratio} | "
+                     f"{r['cpu_s']:.1f} | {warm} | {r['step_ms']:.0f} | {r['graphs']}"
+                     f"{'+' + str(r['later_graphs']) if r['later_graphs'] else ''} | {r['breaks']} | {r['fused']} |")
+    return lines
+
+
+def verdicts(rows: list[dict]) -> list[str]:
+    peft = {r["layers"]: r["first_s"] for r in rows if r["variant"] == "peft" and r["mode"] == "whole"}
+    out = []
+    for r in rows:
+        if r["layers"] not in peft or r["variant"] in VARIANTS_BEFORE:
+            continue
+        ratio = r["first_s"] / peft[r["layers"]]
+        if r["mode"] == "whole":
+            ok = ratio <= WHOLE_TARGET
+            out.append(f"{r['variant']} whole, {r['layers']} layers: x{ratio:.2f} of peft whole "
+                       f"(target <= {WHOLE_TARGET}): {'met' if ok else 'missed'}")
+        elif r["layers"] == BLOCKS_DEPTH:
+            out.append(f"{r['variant']} blocks, {r['layers']} layers: x{ratio:.2f} of peft whole "
+                       f"(target < 1.00): {'met' if ratio < 1.0 else 'missed'}")
+        else:
+            out.append(f"{r['variant']} blocks, {r['layers']} layers: x{ratio:.2f} of peft whole "
+                       f"(the target is at {BLOCKS_DEPTH} layers)")
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--layers", type=int, nargs="+", default=[4, 8, 16])
+    parser.add_argument("--methods", nargs="+", default=None,
+                        help="variants: floor, peft and lsrfx methods (default: all; peft is always run)")
+    parser.add_argument("--modes", nargs="+", default=["whole", "blocks"], choices=["whole", "blocks"])
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=3, help="compiled steps timed after the first (median)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
+    parser.add_argument("--no-warm", action="store_true", help="skip the warm-cache run")
+    parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per process")
+    parser.add_argument("--out", type=Path, default=None, help="also write the report here")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(child(args)), flush=True)
+        return
+
+    import lsrfx
+
+    variants = args.methods or [*VARIANTS_BEFORE, *lsrfx.METHODS]
+    if "peft" not in variants:
+        variants = ["peft", *variants]
+    header = (f"compile_time: Llama hidden {args.hidden}, all seven projections, batch {args.batch} x {args.seq}; "
+              f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus; load average "
+              f"{os.getloadavg()[0]:.2f} at start")
+    print(header, flush=True)
+    rows = []
+    for layers in args.layers:
+        for mode in args.modes:
+            for variant in variants:
+                with tempfile.TemporaryDirectory(prefix="lsrfx-compile-time-") as cache:
+                    row = run_child(args, variant, mode, layers, cache)
+                    if row is None:
+                        continue
+                    row["warm_s"] = None
+                    if not args.no_warm:
+                        warm = run_child(args, variant, mode, layers, cache)
+                        row["warm_s"] = warm["first_s"] if warm else None
+                print(f"  {variant} {mode} {layers} layers: cold {row['first_s']:.1f} s (cpu {row['cpu_s']:.1f} s)"
+                      f", warm {row['warm_s'] if row['warm_s'] is None else round(row['warm_s'], 1)} s, "
+                      f"step {row['step_ms']:.0f} ms, graphs {row['graphs']}, breaks {row['breaks']}", flush=True)
+                rows.append(row)
+    report = [header, "", *table(rows), "", *verdicts(rows),
+              f"load average {os.getloadavg()[0]:.2f} at end (above ~1.5 beside this run the times mean little)"]
+    print("\n".join(report))
+    if args.out:
+        args.out.write_text("\n".join(report) + "\n")
+
+
+if __name__ == "__main__":
+    main()
