@@ -216,9 +216,11 @@ class GenLoRAAdapter(Adapter):
     def factors(self, w0: Tensor) -> tuple[Tensor, Tensor]:
         weights_a, weights_b = (self.mix_A, self.mix_B) if self.basis == "mixed" else (self.amplitude_A,
                                                                                       self.amplitude_B)
-        if torch.compiler.is_compiling() and not torch.compiler.is_exporting():
-            # The same values through the ``rbf_bank`` op, which the compile pass batches across layers (one
-            # generated kernel per bank shape instead of code per layer: lsrfx/kernels/rbf_bank.py).
+        if not torch.compiler.is_exporting():
+            # The same values through the ``rbf_bank`` op (lsrfx/kernels/rbf_bank.py): under torch.compile the pass
+            # batches it across layers (one generated kernel per bank shape instead of code per layer); in eager
+            # training its backward recomputes the RBF features instead of keeping them (r x n values per bank and
+            # layer) from forward to backward.
             bank = torch.ops.lsrfx.rbf_bank
             a = bank(self.Z_A, self.centres_A, self.log_gamma_A, weights_a, self.basis)  # (r, d_in)
             b = bank(self.Z_B, self.centres_B, self.log_gamma_B, weights_b, self.basis).t()  # (d_out, r)

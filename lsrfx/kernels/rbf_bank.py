@@ -16,8 +16,9 @@ Inductor schedules every layer's synthesis, forward and backward, side by side a
 graph whose source grows with the number of layers: nothing to share between layers, and C++ compile and code
 generation grew by seconds per decoder layer. Marked as this op in a captured graph, the compile pass stacks the
 layers whose banks have the same shapes and calls the op once on the stack (:func:`lsrfx.passes.fuse.batch_factor_ops`),
-so the generated code is one kernel per shape, whatever the depth. GenLoRA calls the op under ``torch.compile``
-only; eager mode and ``torch.export`` keep the plain torch functions in :mod:`lsrfx.adapters.genlora` (same values).
+so the generated code is one kernel per shape, whatever the depth. GenLoRA calls the op in eager mode too, where its
+backward's recomputation keeps only the parameters alive for the backward; ``torch.export`` keeps the plain torch
+functions (:func:`rbf_bank_reference`, the same values), so exported graphs hold standard ops.
 
 The backward is written out (:func:`rbf_bank_grads`) so that it also follows the layout rule of
 :func:`lsrfx.kernels.lowrank_linear.column_major`: the squared distances are summed over the latent dimension ``g``
