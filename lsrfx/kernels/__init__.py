@@ -12,9 +12,12 @@ from lsrfx.utils import quiet_logger
 with quiet_logger("torch._library.triton", enabled=not HAS_TRITON):
     from lsrfx.kernels.lowrank_linear import lowrank_linear
     from lsrfx.kernels.lsr_linear import lsr_linear
+from lsrfx.kernels import autocast  # noqa: E402 - the rules need the ops above defined
 from lsrfx.kernels.merged_linear import merged_linear
 from lsrfx.kernels.rbf_bank import rbf_bank
 from lsrfx.kernels.stacking import stack_factors, unstack_factors
+
+autocast.register()
 
 __all__ = ["compose", "compose_reference", "kron_sum", "kron_sum_reference", "lowrank_linear", "lsr_linear",
            "merged_linear", "rbf_bank", "stack_factors", "unstack_factors"]

@@ -39,7 +39,7 @@ def merged_linear_reference(
     x: Tensor, w: Tensor, bias: Tensor | None, a: Tensor, b: Tensor, scale: float, transposed: bool
 ) -> Tensor:
     """``x @ (W0 + scale * B @ A).T + bias``."""
-    merged = merged_weight(w, a, b, scale, transposed)
+    merged = merged_weight(w, a, b, scale, transposed).to(x.dtype)  # formed in the factors' dtype, as compose
     return torch.nn.functional.linear(x, merged.t() if transposed else merged, bias)
 
 
@@ -57,7 +57,7 @@ def merged_linear_grads(
         # from the forward for the backward; re-forming costs 2 N K r flops, far less than keeping it.
         other_layout = merged_weight(w.t(), a, b, scale, not transposed)
         merged_nk = other_layout if transposed else other_layout.t()
-        grad_x = flat(grad) @ merged_nk
+        grad_x = flat(grad) @ merged_nk.to(grad.dtype)
         grad_x = grad_x.reshape(*grad.shape[:-1], grad_x.shape[-1])
     if need_a or need_b:
         v = flat(x) @ a.t()
