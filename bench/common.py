@@ -6,6 +6,8 @@ peak-memory count. Each script imports it as ``common`` (``bench/`` is on ``sys.
 from __future__ import annotations
 
 import os
+import statistics
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -93,3 +95,28 @@ def peak_memory_mb(step: Callable[[], None], device: str) -> float:
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - start) / 2**20
     return profiled_peak_mb(step)
+
+
+def add_size_arguments(parser, *, hidden: int, layers: int, rounds: int, warmup: int = 2) -> None:
+    """The model size and timing flags every interleaved benchmark takes."""
+    parser.add_argument("--hidden", type=int, default=hidden)
+    parser.add_argument("--layers", type=int, default=layers)
+    parser.add_argument("--rounds", type=int, default=rounds)
+    parser.add_argument("--warmup", type=int, default=warmup)
+
+
+def interleaved_medians(runs: dict, rounds: int, warmup: int = 0) -> dict:
+    """Median per run over ``rounds``, the runs interleaved with a start rotating each round (so drift on a noisy
+    machine spreads over all of them), after ``warmup`` untimed calls each. A run returning a number reports its
+    own measure (ms per token, say); otherwise its wall time in seconds is taken."""
+    for run in runs.values():
+        for _ in range(warmup):
+            run()
+    keys = list(runs)
+    times: dict = {k: [] for k in keys}
+    for r in range(rounds):
+        for k in keys[r % len(keys):] + keys[: r % len(keys)]:
+            start = time.perf_counter()
+            measured = runs[k]()
+            times[k].append(time.perf_counter() - start if measured is None else measured)
+    return {k: statistics.median(v) for k, v in times.items()}

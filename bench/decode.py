@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -34,7 +33,7 @@ from torch import nn
 
 import lsrfx
 
-from common import METHODS  # bench/ is on sys.path when run as a script
+from common import METHODS, add_size_arguments, interleaved_medians  # bench/ is on sys.path when run as a script
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 VARIANTS = ["base", "merged", "peft", *METHODS]
@@ -93,27 +92,16 @@ def timer(model: nn.Module, args: argparse.Namespace):
 
 
 def interleave(keys: list[str], args: argparse.Namespace) -> dict[str, float]:
-    runs = {k: timer(make(k, args), args) for k in keys}
-    for run in runs.values():
-        for _ in range(args.warmup):
-            run()
-    times: dict[str, list[float]] = {k: [] for k in keys}
-    for r in range(args.rounds):
-        for k in keys[r % len(keys):] + keys[: r % len(keys)]:
-            times[k].append(runs[k]())
-    return {k: statistics.median(v) for k, v in times.items()}
+    return interleaved_medians({k: timer(make(k, args), args) for k in keys}, args.rounds, args.warmup)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--mode", choices=["eager", "compiled"], default="eager")
     p.add_argument("--cache", choices=["dynamic", "static"], default="dynamic")
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--layers", type=int, default=4)
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--new", type=int, default=20)
-    p.add_argument("--rounds", type=int, default=7)
-    p.add_argument("--warmup", type=int, default=2)
+    add_size_arguments(p, hidden=256, layers=4, rounds=7)
     p.add_argument("--variants", nargs="+", default=VARIANTS)
     p.add_argument("--only", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()

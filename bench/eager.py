@@ -41,10 +41,8 @@ from __future__ import annotations
 import argparse
 import os
 import resource
-import statistics
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from contextlib import nullcontext
 
@@ -54,7 +52,7 @@ from torch import nn
 import lsrfx
 from lsrfx.adapted_layer import formed_weight_path
 
-from common import METHODS  # bench/ is on sys.path when run as a script
+from common import METHODS, add_size_arguments, interleaved_medians  # bench/ is on sys.path when run as a script
 
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 BERT_TARGETS = ["query", "value"]
@@ -155,12 +153,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--setup", choices=["llama", "bert"], default="llama")
     p.add_argument("--mode", choices=["eager", "compiled"], default="eager")
-    p.add_argument("--hidden", type=int, default=1024)
-    p.add_argument("--layers", type=int, default=4)
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--seq", type=int, default=128)
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=2)
+    add_size_arguments(p, hidden=1024, layers=4, rounds=5)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--methods", nargs="+", default=list(METHODS))
     p.add_argument("--formed", action="store_true", help="add each method through the formed weight")
@@ -193,17 +188,7 @@ def main() -> None:
     variants = {k: make_variant(k, args.setup, args) for k in keys}
     kept = {k: kept_bytes(*v) / 2**20 for k, v in variants.items()} if args.mode == "eager" else {}
     steps = {k: step_fn(*v) for k, v in variants.items()}
-    for step in steps.values():
-        for _ in range(args.warmup):
-            step()
-    times: dict[str, list[float]] = {k: [] for k in keys}
-    for r in range(args.rounds):
-        order = keys[r % len(keys):] + keys[: r % len(keys)]
-        for k in order:
-            t0 = time.perf_counter()
-            steps[k]()
-            times[k].append(time.perf_counter() - t0)
-    med = {k: statistics.median(v) * 1000 for k, v in times.items()}
+    med = {k: s * 1000 for k, s in interleaved_medians(steps, args.rounds, args.warmup).items()}
     print(f"{'variant':18s} {'median ms':>10s} {'x peft':>7s} {'x floor':>8s} {'kept MB':>8s} {'x peft':>7s}")
     for k in keys:
         mem = (f"{kept[k]:8.1f} {kept[k] / kept['peft']:7.2f}" if kept else "")

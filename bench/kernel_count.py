@@ -43,7 +43,7 @@ from torch import nn
 from torch._dynamo.utils import counters
 
 import lsrfx
-from lsrfx.passes import cost_model
+from lsrfx.settings import FUSE_POLICIES
 
 from common import METHODS, PEFT_LORA, profiled_peak_mb  # bench/ is on sys.path when run as a script
 
@@ -125,7 +125,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=1)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq", type=int, default=128)
-    ap.add_argument("--fuse", nargs="+", default=["auto"], choices=cost_model.POLICIES,
+    ap.add_argument("--fuse", nargs="+", default=["auto"], choices=FUSE_POLICIES,
                     help="LSRFX_FUSE values to compile each lsrfx method with (default: auto)")
     ap.add_argument("--names", action="store_true", help="list each variant's generated kernels by name")
     ap.add_argument("--memory", action="store_true", help="add each variant's peak memory of one step")

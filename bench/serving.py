@@ -35,6 +35,8 @@ from torch import nn
 
 import lsrfx
 
+from common import add_size_arguments  # bench/ is on sys.path when run as a script
+
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 SETS = {"lora": ("lora", dict(r=8)), "lsr": ("lsr", dict(r1=2, r2=4)), "genlora": ("genlora", dict(r=8))}
 
@@ -174,12 +176,9 @@ def run_load(model, versions, prompts, want, names, n_clients, swaps, args) -> t
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--part", choices=["mixed", "load"], default="mixed")
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--layers", type=int, default=4)
     p.add_argument("--rows", type=int, default=8)
     p.add_argument("--seq", type=int, default=32)
-    p.add_argument("--rounds", type=int, default=7)
-    p.add_argument("--warmup", type=int, default=2)
+    add_size_arguments(p, hidden=256, layers=4, rounds=7)
     p.add_argument("--compiled", action="store_true")
     p.add_argument("--clients", type=int, nargs="+", default=[1, 2, 4])
     p.add_argument("--seconds", type=float, default=10.0)

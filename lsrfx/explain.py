@@ -17,6 +17,7 @@ import copy
 from typing import TYPE_CHECKING, Any
 
 from lsrfx.errors import LsrfxError
+from lsrfx.settings import fuse_policy
 
 if TYPE_CHECKING:
     from torch import fx, nn
@@ -92,14 +93,14 @@ def explain(model: nn.Module, *example_inputs: Any, graphs: bool = False, **kwar
     captured graphs before and after the pass, adapted nodes marked. Raises :class:`LsrfxError` when the model's
     forward fails on the inputs."""
     from lsrfx.adapted_layer import quantized_layers
-    from lsrfx.passes.cost_model import MEASURED_RULE, policy
+    from lsrfx.passes.cost_model import MEASURED_RULE
     from lsrfx.passes.fuse import count_actions, fuse_adapted_linears
     from lsrfx.utils import unwrap
 
     root = unwrap(model)
     captured, breaks = _capture(root, example_inputs, kwargs)
     out = [f"lsrfx.explain: {len(captured)} graph(s), {len(breaks)} graph break reason(s); fusion policy "
-           f"{policy()!r}; rule: {MEASURED_RULE}"]
+           f"{fuse_policy()!r}; rule: {MEASURED_RULE}"]
     total_fused = total_merged = total_adapted = 0
     for i, gm in enumerate(captured):
         original = copy.deepcopy(gm.graph) if graphs else None

@@ -39,6 +39,26 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
+@pytest.fixture
+def fresh_dynamo():
+    """A clean Dynamo state and lsrfx's counters for a test that compiles (earlier compiles must not count against
+    Dynamo's recompile limit or in the counters); a module opts in with
+    ``pytestmark = pytest.mark.usefixtures("fresh_dynamo")``."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.fixture
+def uncached_compile(fresh_dynamo):
+    """Compile for real: Inductor's and AOTAutograd's caches off, so the pass runs (and counts) on every compile."""
+    with torch._inductor.config.patch(fx_graph_cache=False), torch._functorch.config.patch(enable_autograd_cache=False):
+        yield
+
+
 def tiny_mlp(d_in: int = 12, d_hidden: int = 10, d_out: int = 8) -> nn.Sequential:
     """``Linear(d_in, d_hidden), Tanh, Linear(d_hidden, d_out)``: the adapted layers are named ``"0"`` and ``"2"``."""
     return nn.Sequential(nn.Linear(d_in, d_hidden), nn.Tanh(), nn.Linear(d_hidden, d_out))

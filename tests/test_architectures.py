@@ -45,6 +45,9 @@ EXPORT_CELLS = {("bert", "lsr"), ("roberta", "genlora"), ("gpt2", "lora"), ("lla
 # capture only, which is where the parametrized weights enter the graph.
 BACKEND = os.environ.get("LSRFX_TEST_BACKEND")
 
+# Each cell compiles its own model; earlier compiles must not count against Dynamo's recompile limit.
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
+
 
 def _text_batch(vocab: int, batch: int, seq: int, labels: str) -> dict[str, torch.Tensor]:
     ids = torch.randint(3, vocab, (batch, seq))
@@ -147,14 +150,6 @@ def ort_tolerance(want: list[np.ndarray]) -> float:
     """fp32 onnxruntime-vs-PyTorch tolerance, relative to the outputs' size as ``merge_and_export``'s own check
     (``lsrfx.export.verify``): 1e-4 x max(1, max |output|); T5's large-initialised outputs reach tens."""
     return 1e-4 * max(1.0, max(float(np.abs(w).max()) for w in want))
-
-
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    """Each cell compiles its own model; earlier compiles must not count against Dynamo's recompile limit."""
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
 
 
 @pytest.mark.parametrize("method", list(lsrfx.METHODS))

@@ -21,15 +21,6 @@ ALL_SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "do
 LAYERS = 3
 
 
-@pytest.fixture
-def fresh_dynamo():
-    """Compile for real (Inductor's caches off, so the pass runs) from a clean Dynamo state."""
-    torch._dynamo.reset()
-    counters.clear()
-    with torch._inductor.config.patch(fx_graph_cache=False), torch._functorch.config.patch(enable_autograd_cache=False):
-        yield
-    torch._dynamo.reset()
-
 
 def counting_inductor() -> tuple[list[int], object]:
     """A backend that counts the graphs it compiles and compiles them with Inductor (so the lsrfx pass runs)."""
@@ -59,7 +50,7 @@ def loss_of(model: nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Te
 
 
 @pytest.mark.parametrize("method", ["genlora", "condlora"])
-def test_block_code_compiles_at_most_twice_and_equals_eager(fresh_dynamo, method):
+def test_block_code_compiles_at_most_twice_and_equals_eager(uncached_compile, method):
     """GenLoRA (its factor banks batched across a block's layers by the pass) and CondLoRA (the first block owns the
     shared pairs); LoRA and LSR-Adapt take the same path as far as compile_blocks goes, and the whole suite budget
     pays for two Inductor compiles of a decoder here.

@@ -295,11 +295,11 @@ def test_importing_passes_changes_no_config_and_install_applies_lsrfx_log():
 
 
 def test_bogus_fusion_policy_raises_lsrfx_error(monkeypatch):
-    from lsrfx.passes import cost_model
+    from lsrfx.settings import fuse_policy
 
     monkeypatch.setenv("LSRFX_FUSE", "bogus")
     with pytest.raises(lsrfx.LsrfxError, match="LSRFX_FUSE='bogus'.*auto.*always.*never"):
-        cost_model.policy()
+        fuse_policy()
     gm = fx.symbolic_trace(lambda x, w, a, b: torch.nn.functional.linear(x, compose(w, a, b, 1.0, False)))
     with pytest.raises(lsrfx.LsrfxError, match="LSRFX_FUSE"):
         fuse_adapted_linears(gm.graph, record=False)

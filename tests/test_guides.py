@@ -34,6 +34,8 @@ from pathlib import Path
 
 import pytest
 
+import lsrfx
+
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = sorted([ROOT / "README.md", ROOT / "bench" / "README.md", *(ROOT / "docs").rglob("*.md")])
 FENCE = re.compile(r"^([ \t]*)```([\w-]*)[ \t]*\n(.*?)^[ \t]*```[ \t]*$", re.S | re.M)
@@ -196,6 +198,8 @@ DRIVER = r'''
 import argparse, contextlib, io, json, os, runpy, sys, traceback
 from pathlib import Path
 
+from lsrfx.settings import VARIABLES
+
 class Parsed(BaseException):
     def __init__(self, namespace, extra=()):
         self.namespace, self.extra = namespace, list(extra)
@@ -268,15 +272,8 @@ SCRIPT_CHECKS = {"bench/frontier.py": frontier, "bench/finetune_sweep.py": finet
 def check(command):
     argv = command["argv"]
     for name, value in command["env"].items():
-        if name == "LSRFX_FUSE":
-            from lsrfx.passes.cost_model import POLICIES
-            assert value in POLICIES, f"LSRFX_FUSE={value} is not one of {POLICIES}"
-        elif name == "LSRFX_KERNEL":
-            from lsrfx.kernels.kernel_choice import MODES
-            assert value in MODES, f"LSRFX_KERNEL={value} is not one of {MODES}"
-        elif name == "LSRFX_LOG":
-            from lsrfx.passes.logs import _LEVELS
-            assert value in _LEVELS, f"LSRFX_LOG={value} is not one of {sorted(_LEVELS)}"
+        if name in VARIABLES:
+            assert value in VARIABLES[name], f"{name}={value} is not one of {VARIABLES[name]}"
     if argv[0] == "lsrfx":
         return lsrfx_cli(argv[1:])
     if argv[1] == "-m":
@@ -329,27 +326,30 @@ def test_every_documented_command_parses() -> None:
 
 
 def test_the_readme_lists_every_environment_variable_with_accepted_values(monkeypatch) -> None:
-    from lsrfx.kernels.kernel_choice import kernel_mode
-    from lsrfx.passes.cost_model import policy
-    from lsrfx.passes.logs import _LEVELS
+    from lsrfx import settings
 
-    read = set()
+    # Only lsrfx/settings.py reads the environment for an LSRFX_ variable; every name it mentions is in VARIABLES.
     for path in (ROOT / "lsrfx").rglob("*.py"):
-        read |= set(re.findall(r"""environ(?:\.get)?[(\[]\s*["'](LSRFX_[A-Z_]+)["']""", path.read_text()))
-    assert read >= {"LSRFX_FUSE", "LSRFX_KERNEL", "LSRFX_LOG"}
+        text = path.read_text()
+        if path.name != "settings.py":
+            assert not re.search(r"environ.*LSRFX_|getenv.*LSRFX_", text), f"{path} reads an LSRFX_ variable itself"
+    named = set(re.findall(r'"(LSRFX_[A-Z_]+)"', (ROOT / "lsrfx" / "settings.py").read_text()))
+    assert named == set(settings.VARIABLES) >= {"LSRFX_FUSE", "LSRFX_KERNEL", "LSRFX_LOG"}
     readme = (ROOT / "README.md").read_text()
     rows = {m.group(1): m.group(2) for m in re.finditer(r"^\| `(LSRFX_[A-Z_]+)` \|([^|]*)\|", readme, re.M)}
-    assert set(rows) == read, "the README's environment table must list exactly the variables lsrfx reads"
-    readers = {"LSRFX_FUSE": policy, "LSRFX_KERNEL": kernel_mode}
+    assert set(rows) == set(settings.VARIABLES), "the README's environment table must list exactly those variables"
+    readers = {"LSRFX_FUSE": settings.fuse_policy, "LSRFX_KERNEL": settings.kernel_mode,
+               "LSRFX_LOG": settings.log_level}
     for name, cell in rows.items():
         values = re.findall(r"`([^`]+)`", cell)
         assert values, name
-        for value in values:
-            if name == "LSRFX_LOG":
-                assert value in _LEVELS, (name, value)
-            else:
-                monkeypatch.setenv(name, value)
-                assert readers[name]() == value, (name, value)
+        for value in values:  # each documented value is accepted and read as itself
+            monkeypatch.setenv(name, value)
+            want = settings.LOG_LEVELS[value] if name == "LSRFX_LOG" else value
+            assert readers[name]() == want, (name, value)
+        monkeypatch.setenv(name, "bogus")
+        with pytest.raises(lsrfx.LsrfxError, match=f"{name}='bogus'"):
+            readers[name]()
 
 
 # --- links -----------------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ PACKAGE = ROOT / "lsrfx"
 
 # Lowest first. A module is in the layer of the longest entry that is its name or a package prefix of it.
 LAYERS: list[tuple[str, ...]] = [
-    ("lsrfx.errors", "lsrfx.version", "lsrfx.utils", "lsrfx.atomic_files"),
+    ("lsrfx.errors", "lsrfx.version", "lsrfx.settings", "lsrfx.utils", "lsrfx.atomic_files"),
     ("lsrfx.kernels", "lsrfx.quantized_base"),
     ("lsrfx.adapters",),
     ("lsrfx.parametrization",),

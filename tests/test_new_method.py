@@ -23,24 +23,15 @@ from conftest import tiny_bert
 from references import REFERENCES, Reference, reference_delta
 
 
-@dataclass
-class ScaledLoRAConfig(RankConfig):
-    """A toy method: LoRA with a trainable per-rank gain, ``dW = scale * B diag(g) A``."""
-
-    method = "scaledlora"
-
-    def build_one(self, spec: LayerSpec) -> Adapter:
-        return ScaledLoRAAdapter(spec, self)
-
-
 class ScaledLoRAAdapter(Adapter):
     def __init__(self, spec: LayerSpec, config: ScaledLoRAConfig) -> None:
         super().__init__(spec)
-        self.rank, self.scale = config.r, config.alpha / config.r
-        kw = dict(dtype=spec.adapter_dtype, device=spec.device)
-        self.A = nn.Parameter(torch.empty(config.r, spec.d_in, **kw))
-        self.gain = nn.Parameter(torch.empty(config.r, **kw))
-        self.B = nn.Parameter(torch.empty(spec.d_out, config.r, **kw))
+        self.rank = config.r
+        self.scale = config.alpha / config.r
+        shapes = {"A": (config.r, spec.d_in), "gain": (config.r,), "B": (spec.d_out, config.r)}
+        for name, shape in shapes.items():
+            self.register_parameter(name, nn.Parameter(torch.empty(shape, dtype=spec.adapter_dtype,
+                                                                   device=spec.device)))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -50,6 +41,16 @@ class ScaledLoRAAdapter(Adapter):
 
     def factors(self, w0: Tensor) -> tuple[Tensor, Tensor]:
         return self.gain[:, None] * self.A, self.B
+
+
+@dataclass
+class ScaledLoRAConfig(RankConfig):
+    """A toy method: LoRA with a trainable per-rank gain, ``dW = scale * B diag(g) A``."""
+
+    method = "scaledlora"
+
+    def build_one(self, spec: LayerSpec) -> Adapter:
+        return ScaledLoRAAdapter(spec, self)
 
 
 def _reference(p: dict[str, Tensor], w0: Tensor, adapter: nn.Module) -> tuple[Tensor, Tensor]:

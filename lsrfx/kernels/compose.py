@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lsrfx.kernels.lowrank_linear import tn_like
-from lsrfx.utils import quiet_logger
+from lsrfx.kernels.layout import tn_like
+from lsrfx.kernels.torch_body_op import torch_body_op
 
 
 def compose_reference(w0: Tensor, a: Tensor, b: Tensor, scale: float, transposed: bool) -> Tensor:
@@ -29,11 +29,7 @@ def _compose(w0: Tensor, a: Tensor, b: Tensor, scale: float, transposed: bool) -
     return compose_reference(w0, a, b, scale, transposed)
 
 
-# A triton_op without Triton kernels, so that Inductor compiles its body where the op stays in a graph (a
-# materialised layer) instead of calling it eagerly; triton_op warns that it finds no kernels when triton is
-# not installed, hence the quiet logger.
-with quiet_logger("torch._library.triton"):
-    compose = torch.library.triton_op("lsrfx::compose", _compose, mutates_args=())
+compose = torch_body_op("lsrfx::compose", _compose)  # Inductor compiles the body in the graph
 
 
 @compose.register_fake

@@ -24,30 +24,19 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from lsrfx.errors import LsrfxError
 from lsrfx.kernels.tile_configs import token_bucket
+from lsrfx.settings import kernel_mode
 
 log = logging.getLogger("lsrfx.kernels")
 
 Timer = Callable[[Callable[[], object]], float]  # seconds per call of a zero-argument function
 Body = Callable[..., object]
-MODES = ("auto", "triton", "reference")
-
-
-def kernel_mode() -> str:
-    """``LSRFX_KERNEL``: ``auto`` (measure), ``triton`` or ``reference`` (always that body on CUDA)."""
-    value = os.environ.get("LSRFX_KERNEL", "auto").strip().lower()
-    if value not in MODES:
-        raise LsrfxError(f"LSRFX_KERNEL={value!r} is not a kernel choice: set it to auto (time both on the first "
-                         f"call), triton or reference, or unset it.")
-    return value
 
 
 def cuda_timer(fn: Callable[[], object]) -> float:

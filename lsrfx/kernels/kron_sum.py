@@ -7,11 +7,10 @@ body and autograd, ``lsr_linear``'s reference and backward, and the ONNX transla
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
-from lsrfx.kernels import lowrank_linear
-from lsrfx.utils import quiet_logger
+from lsrfx.kernels.layout import formed_transposed
+from lsrfx.kernels.torch_body_op import torch_body_op
 
 
 def kron_sum_reference(p: Tensor, q: Tensor) -> Tensor:
@@ -39,17 +38,17 @@ def kron_sum_grads(grad: Tensor, p: Tensor, q: Tensor, need_p: bool = True,
     return grad_p, grad_q
 
 
-def formed_transposed(p: Tensor, q: Tensor) -> bool:
+def kron_sum_transposed(p: Tensor, q: Tensor) -> bool:
     """Whether ``M = sum_k kron(P[k], Q[k])`` is formed as ``M.T`` and handed out as its transpose view: when it
-    has fewer columns than rows (LSR-Adapt's ``B``, ``N x r``), by
-    :func:`lsrfx.kernels.lowrank_linear.formed_transposed`. The reduction then ends in ``N2``, not ``r2``, and so do
-    the factor gradients (see :func:`lsrfx.kernels.lowrank_linear.column_major` for why that matters)."""
-    return lowrank_linear.formed_transposed(p.shape[-2] * q.shape[-2], p.shape[-1] * q.shape[-1])
+    has fewer columns than rows (LSR-Adapt's ``B``, ``N x r``), by :func:`lsrfx.kernels.layout.formed_transposed`.
+    The reduction then ends in ``N2``, not ``r2``, and so do the factor gradients (:mod:`lsrfx.kernels.layout`
+    says why that matters)."""
+    return formed_transposed(p.shape[-2] * q.shape[-2], p.shape[-1] * q.shape[-1])
 
 
 def kron_sum_formed(p: Tensor, q: Tensor) -> Tensor:
-    """:func:`kron_sum_reference` in the layout :func:`formed_transposed` chooses (same values)."""
-    if formed_transposed(p, q):
+    """:func:`kron_sum_reference` in the layout :func:`kron_sum_transposed` chooses (same values)."""
+    if kron_sum_transposed(p, q):
         return kron_sum_reference(p.mT, q.mT).mT
     return kron_sum_reference(p, q)
 
@@ -58,29 +57,25 @@ def kron_sum_empty(p: Tensor, q: Tensor) -> Tensor:
     """An empty tensor of :func:`kron_sum_formed`'s shape, dtype and layout (what the ops' fake functions return)."""
     lead = p.shape[:-3]
     rows, cols = p.shape[-2] * q.shape[-2], p.shape[-1] * q.shape[-1]
-    return p.new_empty(*lead, cols, rows).mT if formed_transposed(p, q) else p.new_empty(*lead, rows, cols)
+    return p.new_empty(*lead, cols, rows).mT if kron_sum_transposed(p, q) else p.new_empty(*lead, rows, cols)
 
 
 def kron_sum_grads_formed(grad: Tensor, p: Tensor, q: Tensor, need_p: bool = True,
                           need_q: bool = True) -> tuple[Tensor | None, Tensor | None]:
     """:func:`kron_sum_grads` chained the way :func:`kron_sum_formed` formed ``M``: through ``M.T`` when it was
     formed transposed, the factor gradients then handed back as transposed views."""
-    if not formed_transposed(p, q):
+    if not kron_sum_transposed(p, q):
         return kron_sum_grads(grad, p, q, need_p, need_q)
     grad_pt, grad_qt = kron_sum_grads(grad.mT, p.mT, q.mT, need_p, need_q)
     return (None if grad_pt is None else grad_pt.mT), (None if grad_qt is None else grad_qt.mT)
 
 
 def _kron_sum(p: Tensor, q: Tensor) -> Tensor:
-    """Sum of Kronecker products; see :func:`kron_sum_reference` and, for the layout, :func:`formed_transposed`."""
+    """Sum of Kronecker products; see :func:`kron_sum_reference` and, for the layout, :func:`kron_sum_transposed`."""
     return kron_sum_formed(p, q)
 
 
-# A triton_op without Triton kernels, so that Inductor compiles its body where the op stays in a graph (a
-# materialised layer) instead of calling it eagerly; triton_op warns that it finds no kernels when triton is
-# not installed, hence the quiet logger.
-with quiet_logger("torch._library.triton"):
-    kron_sum = torch.library.triton_op("lsrfx::kron_sum", _kron_sum, mutates_args=())
+kron_sum = torch_body_op("lsrfx::kron_sum", _kron_sum)  # Inductor compiles the body in the graph
 
 
 @kron_sum.register_fake

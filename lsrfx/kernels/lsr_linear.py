@@ -15,21 +15,21 @@ from torch.library import triton_op, wrap_triton
 
 from lsrfx.kernels import triton_matmul as tk
 from lsrfx.kernels.dispatch import use_triton
-from lsrfx.kernels.kron_sum import formed_transposed, kron_sum_empty, kron_sum_formed, kron_sum_grads_formed
+from lsrfx.kernels.kron_sum import kron_sum_empty, kron_sum_formed, kron_sum_grads_formed, kron_sum_transposed
 from lsrfx.kernels.lowrank_linear import fake_outputs, forward_body, linear_grads
 
 
 def kron_factors(a1: Tensor, a2: Tensor, b1: Tensor, b2: Tensor) -> tuple[Tensor, Tensor]:
     """Dense ``(A, B)`` from LSR's factors: the Triton expansion kernel on CUDA, the torch reference elsewhere.
 
-    Each in the layout :func:`~lsrfx.kernels.kron_sum.formed_transposed` chooses, as the ``kron_sum`` op forms it:
+    Each in the layout :func:`~lsrfx.kernels.kron_sum.kron_sum_transposed` chooses, as the ``kron_sum`` op forms it:
     ``B`` (``N x r``) is formed as ``B.T = sum_s B1[s].T (x) B2[s].T`` and returned as its transpose view (the
     reduction then ends in ``B2``'s long dimension, not in ``r2``)."""
     if not use_triton(a1):
         return kron_sum_formed(a1, a2), kron_sum_formed(b1, b2)
 
     def expand(p: Tensor, q: Tensor) -> Tensor:
-        if formed_transposed(p, q):
+        if kron_sum_transposed(p, q):
             return tk.kron_expand(p.mT, q.mT, wrap_triton).t()
         return tk.kron_expand(p, q, wrap_triton)
 

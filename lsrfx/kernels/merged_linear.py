@@ -24,8 +24,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lsrfx.kernels.lowrank_linear import GradsNeeded, base_grads, flat, grad_factors_reference
-from lsrfx.utils import quiet_logger
+from lsrfx.kernels.layout import flat
+from lsrfx.kernels.reference import GradsNeeded, base_grads, grad_factors_reference
+from lsrfx.kernels.torch_body_op import torch_body_op
 
 
 def merged_weight(w: Tensor, a: Tensor, b: Tensor, scale: float, transposed: bool) -> Tensor:
@@ -48,7 +49,7 @@ def merged_linear_grads(
     transposed: bool,
 ) -> tuple[Tensor | None, ...]:
     """``(grad_x, grad_w, grad_bias, grad_a, grad_b)``, each ``None`` where ``needs`` is false; the factor
-    gradients in their factors' layouts (see ``lowrank_linear.column_major``)."""
+    gradients in their factors' layouts (see :mod:`lsrfx.kernels.layout`)."""
     need_x, need_w, need_bias, need_a, need_b = needs
     grad_x = grad_a = grad_b = None
     if need_x:
@@ -73,10 +74,7 @@ def _merged_linear(
     return merged_linear_reference(x, w, bias, a, b, scale, transposed)
 
 
-# A triton_op without Triton kernels (like ``compose``), so that Inductor compiles its body with the rest of the
-# graph instead of calling it eagerly.
-with quiet_logger("torch._library.triton"):
-    merged_linear = torch.library.triton_op("lsrfx::merged_linear", _merged_linear, mutates_args=())
+merged_linear = torch_body_op("lsrfx::merged_linear", _merged_linear)  # Inductor compiles the body in the graph
 
 
 @merged_linear.register_fake

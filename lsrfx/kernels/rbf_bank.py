@@ -21,7 +21,7 @@ backward's recomputation keeps only the parameters alive for the backward; ``tor
 functions (:func:`rbf_bank_reference`, the same values), so exported graphs hold standard ops.
 
 The backward is written out (:func:`rbf_bank_grads`) so that it also follows the layout rule of
-:func:`lsrfx.kernels.lowrank_linear.column_major`: the squared distances are summed over the latent dimension ``g``
+:mod:`lsrfx.kernels.layout`: the squared distances are summed over the latent dimension ``g``
 term by term, so the centres' gradient is a reduction over the ``n`` positions per latent coordinate, never one
 ending in ``g``.
 """
@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lsrfx.utils import quiet_logger
+from lsrfx.kernels.torch_body_op import torch_body_op
 
 BASES = ("rbf", "centred", "mixed")
 
@@ -105,10 +105,7 @@ def _rbf_bank(z: Tensor, centres: Tensor, log_gamma: Tensor, weights: Tensor, ba
     return rbf_bank_reference(z, centres, log_gamma, weights, basis)
 
 
-# A triton_op without Triton kernels (like ``kron_sum``), so that Inductor compiles its body with the rest of the
-# graph instead of calling it eagerly; triton_op warns that it finds no kernels, hence the quiet logger.
-with quiet_logger("torch._library.triton"):
-    rbf_bank = torch.library.triton_op("lsrfx::rbf_bank", _rbf_bank, mutates_args=())
+rbf_bank = torch_body_op("lsrfx::rbf_bank", _rbf_bank)  # Inductor compiles the body in the graph
 
 
 @rbf_bank.register_fake

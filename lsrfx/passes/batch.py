@@ -24,7 +24,7 @@ from torch import fx
 import lsrfx.kernels.rbf_bank  # noqa: F401  (registers torch.ops.lsrfx.rbf_bank)
 import lsrfx.kernels.stacking  # noqa: F401  (registers torch.ops.lsrfx.stack_factors and unstack_factors)
 from lsrfx.kernels.factor_table import is_call
-from lsrfx.kernels.lowrank_linear import formed_transposed
+from lsrfx.kernels.layout import formed_transposed
 
 BATCHABLE = (torch.ops.lsrfx.rbf_bank, torch.ops.lsrfx.kron_sum)
 
@@ -66,13 +66,12 @@ def _key(args: list) -> tuple | None:
     return tuple(key)
 
 
-def _formed_transposed(op: torch._ops.OpOverloadPacket, key: tuple) -> bool:
+def _stacked_transposed(op: torch._ops.OpOverloadPacket, key: tuple) -> bool:
     """Whether the batched call computes the transposes: a Kronecker sum with fewer columns than rows (LSR's
     ``B``), which the ``kron_sum`` op forms as ``sum_s P[s].T (x) Q[s].T`` and hands out transposed
-    (:func:`lsrfx.kernels.kron_sum.formed_transposed`). Stacking the factors already transposed keeps that layout
-    for the stacked call and its gradients (the factors' gradients then end in the long dimension, as unbatched);
-    stacked as they are, Inductor laid out the stacked gradient ending in the rank and opened an OpenMP parallel
-    region per output row (see ``lowrank_linear.column_major``)."""
+    (:func:`lsrfx.kernels.kron_sum.kron_sum_transposed`). Stacking the factors already transposed keeps that
+    layout for the stacked call and its gradients, which then end in the long dimension as unbatched (the reason:
+    :mod:`lsrfx.kernels.layout`)."""
     if op is not torch.ops.lsrfx.kron_sum:
         return False
     (_, p_shape, *_), (_, q_shape, *_) = key
@@ -102,7 +101,7 @@ def batch_factor_ops(graph: fx.Graph) -> dict[str, int]:
         inputs = [a for _, args in members for a in args if isinstance(a, fx.Node)]
         if any(order[a] >= order[anchor] for a in inputs):
             continue
-        transposed = _formed_transposed(op, key)
+        transposed = _stacked_transposed(op, key)
         with graph.inserting_before(anchor):
             stacked = []
             for i, kind in enumerate(key):

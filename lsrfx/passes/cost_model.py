@@ -32,21 +32,18 @@ above it, and that threshold grows with the layer's width (the other two grow li
 The two constants are per device type (:data:`MACHINES`): ``peak`` is the flop rate of large fp32 matmuls,
 ``bandwidth`` the bytes per second that skinny rank-``r`` products stream through their wide operand (on CPU far
 below the memory's, so ~19 flops per byte separate the two regimes). The CPU defaults were measured on this
-project's 2-core AMD EPYC (Zen 4) machine with ``python bench/cost_model.py --cpu-time`` (its docstring has the
-method); the CUDA ones are nominal A100-class figures, not measured. With the CPU defaults a training batch of
-2,048 tokens merges at hidden 384 and 1,024 for every method's default rank (at 384 and r = 8: fused ~3.2 ms,
-merged ~2.0 ms, materialised ~4.8 ms of extra work per layer), 256 tokens fuse at 384, and a 64-wide layer fed
-256 tokens or more materialises. On CUDA the fused kernel computes ``x @ A.T`` inside the base matmul's K-loop
+project's 2-core CPU machine with ``python bench/fit_cost_model.py --cpu-time`` (its docstring has the method,
+``bench/README.md`` the figures and the decisions they give); the CUDA ones are nominal A100-class figures, not
+measured. On CUDA the fused kernel computes ``x @ A.T`` inside the base matmul's K-loop
 and merged is not a candidate. ``LSRFX_FUSE=always|merged|never`` overrides the rule (it is part of the pass's
 uuid, so cached graphs follow it).
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
-from lsrfx.errors import LsrfxError
+from lsrfx.settings import fuse_policy
 
 UNKNOWN_TOKENS = 4096  # assumed token count when a dynamic size has no hint
 
@@ -71,10 +68,9 @@ MACHINES = {"cpu": Machine(peak=1.7e11, bandwidth=9.0e9),
 
 # A factor formed by a small 2-D matrix product (CondLoRA's C_A @ W0.T) is rewritten by the pass as a broadcast
 # product summed over the inner dimension, which Inductor generates as a reduction fused into kernels the step
-# launches anyway, instead of one BLAS call forward and one backward. Measured (one thread, CPU time, r = 8, this
-# CPU): forward + backward of the reduction form 254 us vs 232 us for BLAS at d = 384, 3.4 vs 1.7 ms at d = 1024,
-# 46 vs 6 ms at d = 2048. Up to this many flops (2 r d^2 for d = 1024, r = 8) the few hundred microseconds are
-# worth the launches saved; beyond, BLAS wins by far.
+# launches anyway, instead of one BLAS call forward and one backward. The reduction form is slower per flop than
+# BLAS, close at small sizes and far behind at large ones (bench/README.md, "The cost model"); up to this many
+# flops (2 r d^2 for d = 1024, r = 8) the launches saved are worth more than the slower product.
 SMALL_PRODUCT_FLOPS = 2**24
 
 RULE = "roofline: the cheapest of fused, merged and materialised (lsrfx/passes/cost_model.py)"
@@ -135,22 +131,9 @@ def product_as_reduction(flops: int) -> bool:
     return flops <= SMALL_PRODUCT_FLOPS
 
 
-POLICIES = ("auto", "always", "merged", "never")
-
-
-def policy() -> str:
-    """``auto`` (the roofline rule), ``always`` (fuse every node), ``merged`` (merge every node whose base and
-    factors share a dtype) or ``never`` (materialise every node)."""
-    value = os.environ.get("LSRFX_FUSE", "auto").strip().lower()
-    if value not in POLICIES:
-        raise LsrfxError(f"LSRFX_FUSE={value!r} is not a fusion policy: set it to auto (the roofline rule), always, "
-                         f"merged or never, or unset it.")
-    return value
-
-
 def decide(shape: Shape | None) -> tuple[str, str]:
     """``("fused" | "merged" | "materialised", reason)`` for one node."""
-    mode = policy()
+    mode = fuse_policy()
     if mode == "always":
         return "fused", "LSRFX_FUSE=always"
     if mode == "never":

@@ -28,7 +28,7 @@ import torch
 from torch import fx
 
 from lsrfx.kernels.factor_table import DENSE, KRON_SUM, MERGED_LINEAR, is_call, is_factor_op
-from lsrfx.kernels.lowrank_linear import formed_transposed
+from lsrfx.kernels.layout import formed_transposed
 from lsrfx.passes import cost_model
 from lsrfx.passes.batch import batch_factor_ops
 from lsrfx.passes.logs import LOGGER
@@ -139,7 +139,7 @@ def _products_as_reductions(graph: fx.Graph, m: Match) -> int:
         if not cost_model.product_as_reduction(2 * _hint(out.numel()) * _hint(pv.shape[1])):
             continue
         # A factor with fewer columns than rows (``W0 @ C_B.T``, ``N x r``) is formed as its transpose and used as a
-        # transposed view: see ``lowrank_linear.column_major`` for why the reduction must not end in ``r``.
+        # transposed view: see :mod:`lsrfx.kernels.layout` for why the reduction must not end in ``r``.
         as_transpose = formed_transposed(_hint(out.shape[0]), _hint(out.shape[1]))
         with graph.inserting_before(node):
             if as_transpose:

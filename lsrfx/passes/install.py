@@ -20,9 +20,9 @@ from torch._inductor import config as inductor_config
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
 from lsrfx.kernels.factor_table import COMPOSE, is_call
-from lsrfx.passes import cost_model
 from lsrfx.passes.fuse import fuse_adapted_linears
 from lsrfx.passes.logs import LOGGER, configure_from_env
+from lsrfx.settings import fuse_policy
 
 log = logging.getLogger(LOGGER)
 _SOURCES = tuple(
@@ -42,7 +42,7 @@ class LsrfxFusePass(CustomGraphPass):
             log.debug("lsrfx: graph after the pass:\n%s", graph)
 
     def uuid(self) -> bytes:
-        return get_hash_for_files(_SOURCES) + cost_model.policy().encode()
+        return get_hash_for_files(_SOURCES) + fuse_policy().encode()
 
 
 def _has_compose(graph: fx.Graph) -> bool:

@@ -3,22 +3,22 @@
 ``LSRFX_LOG=1`` (or ``info``) logs, for every graph Inductor compiles, each adapted node's decision (fused,
 merged or materialised, and why) and the numbers fused and merged; ``LSRFX_LOG=debug`` (or ``2``) adds the
 captured graph before and after the pass. Messages go to the ``lsrfx.compile`` logger (stderr), which can also be
-configured with ``logging`` directly. The variable is read when the pass is installed (``lsrfx.passes.install()``,
-called by ``lsrfx.adapt``), never on import.
+configured with ``logging`` directly. The variable (parsed by :mod:`lsrfx.settings`) is read when the pass is
+installed (``lsrfx.passes.install()``, called by ``lsrfx.adapt``), never on import.
 """
 
 from __future__ import annotations
 
 import logging
-import os
+
+from lsrfx.settings import log_level
 
 LOGGER = "lsrfx.compile"
-_LEVELS = {"1": logging.INFO, "info": logging.INFO, "2": logging.DEBUG, "debug": logging.DEBUG}
 
 
 def configure_from_env() -> None:
     """Attach a stderr handler to ``lsrfx.compile`` at the level ``LSRFX_LOG`` asks for (no-op when unset)."""
-    level = _LEVELS.get(os.environ.get("LSRFX_LOG", "").strip().lower())
+    level = log_level()
     if level is None:
         return
     logger = logging.getLogger(LOGGER)
