@@ -41,6 +41,7 @@ from lsrfx.parametrization import (
     base_weight,
     give_private_class,
     layer_adaptation,
+    layers_changed,
     refuse_script,
     set_base_weight,
     stored_weight,
@@ -61,6 +62,7 @@ def install(module: nn.Module, adapter: Adapter, transposed: bool) -> None:
     if _has_standard_forward(base_class):
         cls.forward = adapted_forward
     cls.__prepare_scriptable__ = refuse_script
+    layers_changed()
 
 
 def _has_standard_forward(cls: type) -> bool:
@@ -79,6 +81,7 @@ def remove(module: nn.Module, *, fold: bool) -> None:
     else ``W0`` comes back. The layer returns to its own class."""
     give_private_class(module)  # a deep copy shares the generated class with its original: never edit it
     parametrize.remove_parametrizations(module, "weight", leave_parametrized=fold)
+    layers_changed()
 
 
 def dequantize_base(module: nn.Module) -> None:
@@ -165,12 +168,14 @@ def base_output(module: nn.Module, param: AdaptedWeight, x: Tensor) -> Tensor:
 def lowrank_forward(module: nn.Module, param: AdaptedWeight, x: Tensor) -> Tensor:
     """``x @ W0.T + bias + scale * (x @ A.T) @ B.T`` from the factors: nothing of ``W0``'s size is formed or saved
     for the backward, and ``W0`` gets no gradient (it is frozen). The adapter term is computed in the factors'
-    dtype (fp32 master factors under a half-precision base) and cast once, as ``compose`` casts ``dW``; under
+    dtype (fp32 master factors under a half-precision base) and added to the base output in its dtype; under
     autocast the matmuls take autocast's dtype like any linear layer's."""
     out = base_output(module, param, x)
     a, b = factors(module, param)
     delta = F.linear(F.linear(x.to(a.dtype), a), b)
-    return out + (delta * param.adapter.scale).to(out.dtype)
+    if param.quantized:  # torchao's output is a view autograd forbids editing in place
+        return out + (delta * param.adapter.scale).to(out.dtype)
+    return out.add_(delta, alpha=param.adapter.scale)  # in place: nothing saves the base output for the backward
 
 
 def quantized_compiled_forward(module: nn.Module, param: AdaptedWeight, x: Tensor) -> Tensor:

@@ -11,6 +11,9 @@ needs no recompilation. A change that PyTorch does not count (assigning through 
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterable, Iterator
+
 import torch
 from torch import Tensor, nn
 
@@ -25,8 +28,39 @@ def factors(module: nn.Module, param: AdaptedWeight) -> tuple[Tensor, Tensor]:
     return inference_factors(module, param)
 
 
+class _CallMark(threading.local):
+    """The mark of the call running in this thread whose layers were brought up to date before it started."""
+
+    token: object | None = None
+
+
+_mark = _CallMark()
+
+
+def refresh_for_call(layers: Iterable[tuple[str, nn.Module, AdaptedWeight]]) -> object | None:
+    """Bring ``layers``' kept factors up to date before a model's call without gradients (a compiled graph reads
+    them, it cannot check them) and mark them, so that in this call each layer's forward skips its own check
+    (:func:`inference_factors`). Returns the previous call's mark, for :func:`end_call`. Adapter tensors do not
+    change during such a call: a hot-swap waits for running calls (:mod:`lsrfx.serving`)."""
+    token = object()
+    for _, module, param in layers:
+        inference_factors(module, param)
+        param.__dict__["_lsrfx_checked"] = token
+    previous = _mark.token
+    _mark.token = token
+    return previous
+
+
+def end_call(previous: object | None) -> None:
+    """Restore the mark of the enclosing call (``None`` outside any)."""
+    _mark.token = previous
+
+
 def inference_factors(module: nn.Module, param: AdaptedWeight) -> tuple[Tensor, Tensor]:
     """The layer's factors kept for calls without gradients (see the module docstring), brought up to date."""
+    token = _mark.token
+    if token is not None and param.__dict__.get("_lsrfx_checked") is token:
+        return param._buffers["lsrfx_A"], param._buffers["lsrfx_B"]
     key = _cache_key(module, param)
     a = param._buffers.get("lsrfx_A")
     if a is not None and param.__dict__.get("_lsrfx_key") == key:
@@ -46,12 +80,26 @@ def inference_factors(module: nn.Module, param: AdaptedWeight) -> tuple[Tensor, 
 
 def _cache_key(module: nn.Module, param: AdaptedWeight) -> tuple:
     key: list = []
-    for t in param.adapter.parameters():
+    for t in adapter_tensors(param.adapter):
         key.append((id(t), t.data_ptr(), t._version, t.dtype, t.device))
     if param.adapter.reads_base_weight:
         w0 = base_weight(module)
         key.append((id(w0), w0._version))
     return tuple(key)
+
+
+def adapter_tensors(module: nn.Module) -> Iterator[Tensor]:
+    """``module.parameters()`` without its generator machinery (this runs for every layer at every call without
+    gradients); a module that lists its parameters its own way (CondLoRA's shared pair) is asked."""
+    if type(module).named_parameters is not nn.Module.named_parameters:
+        yield from module.parameters()
+        return
+    for t in module._parameters.values():
+        if t is not None:
+            yield t
+    for child in module._modules.values():
+        if child is not None:
+            yield from adapter_tensors(child)
 
 
 def _factors(module: nn.Module, param: AdaptedWeight) -> tuple[Tensor, Tensor]:

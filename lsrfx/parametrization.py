@@ -105,6 +105,21 @@ def adapted_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module, AdaptedWe
             yield name, module, param
 
 
+_layers_generation = 0
+
+
+def layers_changed() -> None:
+    """Record that some layer gained or lost its adapter (``install`` / ``remove``): lists of adapted layers kept
+    by callers that run at every forward (:func:`layers_generation`) are then built again."""
+    global _layers_generation
+    _layers_generation += 1
+
+
+def layers_generation() -> int:
+    """A number that changes whenever any layer of any model gains or loses its adapter."""
+    return _layers_generation
+
+
 def refuse_script(self: nn.Module) -> nn.Module:
     """``__prepare_scriptable__`` of an adapted layer: TorchScript cannot compile parametrizations or lsrfx's ops,
     so ``torch.jit.script`` stops here with the fix instead of a raw error from deep inside the compiler."""

@@ -36,8 +36,14 @@ from torch import Tensor, nn
 
 from lsrfx.adapters import AdapterConfig
 from lsrfx.errors import LsrfxError
-from lsrfx.factor_cache import inference_factors
-from lsrfx.parametrization import AdaptedWeight, adapted_layers, base_weight, named_adapter_parameters
+from lsrfx.factor_cache import end_call, inference_factors, refresh_for_call
+from lsrfx.parametrization import (
+    AdaptedWeight,
+    adapted_layers,
+    base_weight,
+    layers_generation,
+    named_adapter_parameters,
+)
 from lsrfx.quantized_base import dense
 from lsrfx.targets import layer_spec
 from lsrfx.utils import unwrap
@@ -159,6 +165,8 @@ class Serving:
     lock: SwapLock = field(default_factory=SwapLock)
     version: int = 0
     refreshing: Mutex = field(default_factory=lambda: Mutex())  # one reader at a time refreshes the stacks
+    layers: tuple = ()  # the model's adapted layers, as (name, module, parametrization), for the call hooks
+    layers_key: tuple | None = None  # (the model's id, parametrization.layers_generation()) they were listed at
 
     def slot(self, name: str | None) -> int:
         """The stack slot of a row's set: 0 base, 1 the model's own adapter, then the named sets."""
@@ -278,11 +286,22 @@ def rows_delta(param: AdaptedWeight, x: Tensor, rows: Rows) -> Tensor:
     return delta.reshape(*x.shape[:-1], b.shape[1])
 
 
+def served_layers(root: nn.Module, serving: Serving) -> tuple[tuple[str, nn.Module, AdaptedWeight], ...]:
+    """``adapted_layers(root)``, listed again only when a layer gained or lost its adapter since (the call hooks
+    run at every forward, e.g. every generated token: walking every module each time costs more than the
+    adapters' own arithmetic in a small model)."""
+    key = (id(root), layers_generation())
+    if serving.layers_key != key:
+        serving.layers = tuple(adapted_layers(root))
+        serving.layers_key = key
+    return serving.layers
+
+
 def refresh_stacks(root: nn.Module, serving: Serving) -> None:
     """Bring every adapted layer's stack of row factors up to date: rebuilt after a set changed, the model's own
     adapter's slot refreshed when its values changed (both outside any compiled graph, which only reads them)."""
     with serving.refreshing:
-        for name, module, param in adapted_layers(root):
+        for name, module, param in served_layers(root, serving):
             _refresh_layer_stack(name, module, param, serving)
 
 
@@ -338,14 +357,15 @@ def _before_call(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, d
         if names is not None:
             rows = _rows_for(root, names)
             refresh_stacks(root, serving)
-            calls.append(active_rows())
+            calls.append((active_rows(), _NO_CHANGE))
             _local.rows = rows
+        elif active_rows() is not None:
+            refresh_stacks(root, serving)
+            calls.append((_NO_CHANGE, _NO_CHANGE))
+        elif not torch.is_grad_enabled():
+            calls.append((_NO_CHANGE, refresh_inference(root, serving)))
         else:
-            calls.append(_NO_CHANGE)
-            if active_rows() is not None:
-                refresh_stacks(root, serving)
-            elif not torch.is_grad_enabled():
-                refresh_inference(root, serving)
+            calls.append((_NO_CHANGE, _NO_CHANGE))
     except BaseException:
         serving.lock.release_read()
         raise
@@ -360,18 +380,20 @@ def _after_call(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> No
     """Forward hook (always called, errors included): restore the caller's rows and release the lock."""
     calls = _local.calls
     if calls:
-        previous = calls.pop()
-        if previous is not _NO_CHANGE:
-            _local.rows = previous
+        rows, mark = calls.pop()
+        if rows is not _NO_CHANGE:
+            _local.rows = rows
+        if mark is not _NO_CHANGE:
+            end_call(mark)
     serving_of(module).lock.release_read()
 
 
-def refresh_inference(root: nn.Module, serving: Serving) -> None:
+def refresh_inference(root: nn.Module, serving: Serving) -> object | None:
     """Bring every layer's kept inference factors up to date before a call without gradients (a compiled graph reads
-    them; eager layers would refresh them themselves)."""
+    them; eager layers then use them without checking again); returns the enclosing call's mark
+    (:func:`~lsrfx.factor_cache.refresh_for_call`)."""
     with serving.refreshing:
-        for _, module, param in adapted_layers(root):
-            inference_factors(module, param)
+        return refresh_for_call(served_layers(root, serving))
 
 
 def install_hooks(model: nn.Module) -> None:

@@ -54,6 +54,30 @@ def test_generation_forms_factors_once_and_matches_the_merged_model(method: str)
     assert torch.equal(tokens, generate(merged))
 
 
+def test_a_decoding_step_checks_each_layer_once_and_lists_layers_once(monkeypatch) -> None:
+    """The call hook brings every layer's kept factors up to date before each forward without gradients; the
+    layers then use them without checking again, and the list of adapted layers is walked once, not per token."""
+    from lsrfx import factor_cache, serving
+
+    model = adapted("lora")
+    layers = len(list(adapted_layers(model)))
+    checks, walks, forwards = [0], [0], [0]
+    cache_key, walk = factor_cache._cache_key, serving.adapted_layers
+
+    def counted(counter: list[int], function):
+        def call(*args):
+            counter[0] += 1
+            return function(*args)
+        return call
+
+    monkeypatch.setattr(factor_cache, "_cache_key", counted(checks, cache_key))
+    monkeypatch.setattr(serving, "adapted_layers", counted(walks, walk))
+    model.register_forward_pre_hook(counted(forwards, lambda *_: None))
+    tokens = generate(model)
+    assert forwards[0] >= 12 and checks[0] == layers * forwards[0] and walks[0] == 1
+    assert torch.equal(tokens, generate(lsrfx.merge(adapted("lora"))))
+
+
 @pytest.mark.parametrize("cache", [None, "static"], ids=["dynamic-cache", "static-cache"])
 def test_compiled_decoding_adds_no_graph_and_no_graph_break(cache: str | None) -> None:
     """32 tokens with ``forward`` compiled (what ``generate`` calls), counted against the base model's own graphs.
