@@ -121,6 +121,30 @@ def test_loading_into_an_adapted_model_replaces_values_or_refuses_a_mismatch(tmp
         lsrfx.load_adapters(other, tmp_path)
 
 
+def test_repeated_swaps_hash_each_base_weight_once_until_it_changes(tmp_path, monkeypatch) -> None:
+    """A served model checks the same base weights at every hot-swap: their fingerprints are kept, and hashed again
+    when W0 changes (an in-place write bumps its version), so a changed base is still refused."""
+    from lsrfx.export import adapters_io
+
+    trained = lsrfx.adapt(bert(), method="lora", r=2)
+    perturb(trained)
+    lsrfx.save_adapters(trained, tmp_path)
+    served = lsrfx.adapt(bert(), method="lora", r=2)
+    hashed = [0]
+    fingerprint = adapters_io.fingerprint
+    monkeypatch.setattr(adapters_io, "fingerprint", lambda w: (hashed.__setitem__(0, hashed[0] + 1), fingerprint(w))[1])
+    lsrfx.load_adapters(served, tmp_path)
+    layers = len(list(adapted_layers(served)))
+    assert hashed[0] == layers
+    lsrfx.load_adapters(served, tmp_path)
+    assert hashed[0] == layers  # nothing changed: nothing hashed again
+    name, module, _ = next(adapted_layers(served))
+    with torch.no_grad():
+        module.parametrizations.weight.original[0, 0] += 1.0
+    with pytest.raises(lsrfx.LsrfxError, match=f"base weight of layer '{name}' differs .*\\(values\\)"):
+        lsrfx.load_adapters(served, tmp_path)
+
+
 def test_bad_directories(tmp_path) -> None:
     with pytest.raises(lsrfx.LsrfxError, match="no lsrfx adapters to save"):
         lsrfx.save_adapters(bert(), tmp_path / "a")

@@ -50,7 +50,7 @@ from lsrfx.errors import LsrfxError
 from lsrfx.export import peft_format
 from lsrfx.export.adapter_config import CONFIG_FILE, FORMAT, FORMAT_VERSION, SavedAdapters, parse_config, read_saved
 from lsrfx.parametrization import adapted_layers, adapter_parameters, base_weight, layer_of, named_adapter_parameters
-from lsrfx.quantized_base import scheme
+from lsrfx.quantized_base import is_quantized, scheme
 from lsrfx.utils import unwrap
 from lsrfx.version import __version__
 
@@ -385,13 +385,30 @@ def expected_tensors(root: nn.Module, saved: SavedAdapters, state: AdaptState | 
         for spec in specs:
             saved.config.check(spec)
             check_size(saved.config, spec)
-        adapters = named_adapter_parameters(zip((s.name for s in specs), saved.config.build(specs), strict=True))
-        expected = {n: Expected(None, tuple(p.shape), p.dtype) for n, p in adapters.items()}
+        expected = {n: Expected(None, shape, dtype) for n, (shape, dtype) in _adapter_shapes(saved, specs).items()}
     else:
         check_same_adaptation(state, saved)
         expected = {n: Expected(p, tuple(p.shape), p.dtype) for n, p in adapter_parameters(root).items()}
     expected.update(_expected_trainable(root, saved, state))
     return expected
+
+
+_SHAPES: dict[tuple[str, tuple[LayerSpec, ...]], dict[str, tuple[tuple[int, ...], torch.dtype]]] = {}
+
+
+def _adapter_shapes(saved: SavedAdapters, specs: list[LayerSpec]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Name, shape and dtype of every tensor ``adapt`` creates for ``specs`` with the saved config, from adapters
+    built on the meta device; kept per (config, layers), since a server loads the same kinds of sets again and
+    again and building (and initialising) the adapters costs more than the rest of a load."""
+    key = (repr(saved.config), tuple(specs))
+    shapes = _SHAPES.get(key)
+    if shapes is None:
+        adapters = named_adapter_parameters(zip((s.name for s in specs), saved.config.build(specs), strict=True))
+        shapes = {n: (tuple(p.shape), p.dtype) for n, p in adapters.items()}
+        if len(_SHAPES) >= 64:
+            _SHAPES.clear()
+        _SHAPES[key] = shapes
+    return shapes
 
 
 def _meta_spec(spec: LayerSpec) -> LayerSpec:
@@ -454,19 +471,20 @@ def check_base(root: nn.Module, layers: dict[str, dict | None]) -> None:
     modules = dict(root.named_modules())
     for name, saved in layers.items():
         module = modules.get(name)
-        if module is None or getattr(module, "weight", None) is None:
+        adapted = module is not None and parametrize.is_parametrized(module, "weight")
+        if module is None or (not adapted and getattr(module, "weight", None) is None):
             raise LsrfxError(
                 f"the adapters were trained on a model with layer '{name}', which this {type(root).__name__} "
                 "does not have; load them into the base model they were saved from."
             )
-        weight = base_weight(module) if parametrize.is_parametrized(module, "weight") else module.weight
+        weight = base_weight(module) if adapted else module.weight  # module.weight would form W0 + dW
         if weight.is_meta:
             raise LsrfxError(f"cannot load adapters: layer '{name}' has its weight on the meta device (no values to "
                              "check against the saved fingerprint); materialise the model and load the base weights "
                              "first.")
         if saved is None:
             continue
-        found = fingerprint(weight)
+        found = _kept_fingerprint(module, weight) if adapted else fingerprint(weight)
         if found != saved:
             if found.get("quantization") != saved.get("quantization"):
                 what = (f"quantization {found.get('quantization', 'none')} vs saved "
@@ -479,6 +497,19 @@ def check_base(root: nn.Module, layers: dict[str, dict | None]) -> None:
                 f"base weight of layer '{name}' differs from the one these adapters were trained on ({what}); "
                 "load them into the same base model (same checkpoint, dtype and layout) they were saved from."
             )
+
+
+def _kept_fingerprint(module: nn.Module, weight: Tensor) -> dict[str, Any]:
+    """An adapted layer's base fingerprint, hashed again only when ``W0`` changed (another tensor, or an in-place
+    write, which bumps its version): hot-swaps on a served model check the same weights at every load."""
+    if is_quantized(weight):  # a torchao tensor's inner data can change without its version: hash it each time
+        return fingerprint(weight)
+    key = (id(weight), weight.data_ptr(), weight._version)
+    kept = module.__dict__.get("_lsrfx_fingerprint")
+    if kept is None or kept[0] != key:
+        kept = (key, fingerprint(weight))
+        module.__dict__["_lsrfx_fingerprint"] = kept
+    return kept[1]
 
 
 def check_same_adaptation(state: AdaptState, saved: SavedAdapters) -> None:
