@@ -111,3 +111,16 @@ def test_all_linear_means_what_it_means_in_peft() -> None:
                         and isinstance(getattr(m, "base_layer", None), nn.Linear))
         assert sorted(select_targets(build(), "all-linear")) == theirs
     assert "lm_head" not in select_targets(tiny_llama(), "all-linear")
+
+
+def test_explain_reports_the_mode_it_was_called_in(fresh_dynamo) -> None:
+    """Issue 23 item 6: a model in eval mode under ``no_grad`` (a decoding step) is explained as such, not as
+    training."""
+    model = lsrfx.adapt(tiny_llama(), method="lora", targets=["q_proj"], **TINY_OPTIONS["lora"])
+    ids = PROMPT[:, :6]
+    with torch.no_grad():
+        report = str(lsrfx.explain(model.eval(), ids))
+    decisions = [line for line in report.splitlines() if "q_proj [linear" in line]
+    assert decisions and all("(no grad," in line for line in decisions), report
+    report = str(lsrfx.explain(model.train(), ids))
+    assert all("(training," in line for line in report.splitlines() if "q_proj [linear" in line), report
