@@ -8,21 +8,25 @@ base in turn, against the same rows grouped by set and run one call per set; int
 (``--compiled``) compiled.
 
 ``--part load``: ``N`` client threads (``--clients 1 2 4``) send requests (one prompt, ``adapter_names`` a random
-set) for ``--seconds`` each, twice: without swaps, then with an operator thread that every ``--swap-ms``
-milliseconds replaces the named LSR-Adapt set with another version and hot-swaps the model's own adapter between two
-versions. Every output is compared with the output of the set it asked for (either version during the swap run):
-the count of outputs that match no version must be 0. Reported per N: requests per second, p50 and p99 latency, for
-both runs and their ratio.
+set) for ``--seconds``, without swaps and with an operator thread that every ``--swap-ms`` milliseconds replaces
+the named LSR-Adapt set with another version and hot-swaps the model's own adapter between two versions; the two
+runs alternate over ``--rounds`` rounds (the first alternating). Every output is compared with the output of the set
+it asked for (either version during the swap run): the count of outputs that match no version must be 0. Reported
+per N: the median requests per second over the rounds, p50 and p99 latency over all requests, wrong outputs, and
+the ratio of the medians. ``--swap-into copy`` makes the operator load into a copy of the model instead: the same
+work beside the clients without the swap lock, to tell the two costs apart.
 
     python bench/serving.py --part mixed --rounds 7
     python bench/serving.py --part mixed --rounds 7 --compiled
-    python bench/serving.py --part load --clients 1 2 4 --seconds 10
+    python bench/serving.py --part load --clients 1 2 4 --seconds 5 --rounds 4
+    python bench/serving.py --part load --clients 1 2 4 --seconds 5 --rounds 4 --swap-into copy
     python bench/serving.py --part load --clients 2 --seconds 1 --hidden 64 --layers 1     # smoke run
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import random
 import statistics
@@ -121,19 +125,29 @@ def load(args: argparse.Namespace) -> None:
                     for i, p in enumerate(prompts):
                         want.setdefault((i, name), []).append(ref(p).logits)
         names = list(versions)
+        swap_target = copy.deepcopy(model) if args.swap_into == "copy" else model
         for n_clients in args.clients:
+            rates: dict[bool, list[float]] = {False: [], True: []}
+            latencies: dict[bool, list[float]] = {False: [], True: []}
+            wrong = {False: 0, True: 0}
+            for r in range(args.rounds):  # the two runs interleaved, the first alternating
+                for swaps in ((False, True) if r % 2 == 0 else (True, False)):
+                    lat, bad = run_load(model, swap_target, versions, prompts, want, names, n_clients, swaps, args)
+                    rates[swaps].append(len(lat) / args.seconds)
+                    latencies[swaps] += lat
+                    wrong[swaps] += bad
             for swaps in (False, True):
-                latencies, wrong = run_load(model, versions, prompts, want, names, n_clients, swaps, args)
-                latencies.sort()
-                rps = len(latencies) / args.seconds
-                p50 = latencies[len(latencies) // 2] * 1000
-                p99 = latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))] * 1000
+                lat = sorted(latencies[swaps])
+                rps = statistics.median(rates[swaps])
+                p50 = lat[len(lat) // 2] * 1000
+                p99 = lat[min(len(lat) - 1, int(0.99 * len(lat)))] * 1000
                 label = "with swaps" if swaps else "no swaps"
+                ratio = f"  x no swaps {rps / statistics.median(rates[False]):.2f}" if swaps else ""
                 print(f"N={n_clients} {label:11s} {rps:8.1f} req/s  p50 {p50:7.2f} ms  p99 {p99:7.2f} ms  "
-                      f"wrong outputs {wrong}")
+                      f"wrong outputs {wrong[swaps]}{ratio}", flush=True)
 
 
-def run_load(model, versions, prompts, want, names, n_clients, swaps, args) -> tuple[list[float], int]:
+def run_load(model, swap_target, versions, prompts, want, names, n_clients, swaps, args) -> tuple[list[float], int]:
     stop = threading.Event()
     latencies: list[float] = []
     wrong = [0]
@@ -156,8 +170,8 @@ def run_load(model, versions, prompts, want, names, n_clients, swaps, args) -> t
         v = 0
         while not stop.wait(args.swap_ms / 1000):
             v = 1 - v
-            lsrfx.load_adapters(model, versions["lsr"][v], name="lsr")
-            lsrfx.load_adapters(model, versions["default"][v])
+            lsrfx.load_adapters(swap_target, versions["lsr"][v], name="lsr")
+            lsrfx.load_adapters(swap_target, versions["default"][v])
 
     threads = [threading.Thread(target=client, args=(s,)) for s in range(n_clients)]
     if swaps:
@@ -169,7 +183,7 @@ def run_load(model, versions, prompts, want, names, n_clients, swaps, args) -> t
     for t in threads:
         t.join()
     for name, v in (("lsr", 0), ("default", 0)):  # back to the first versions for the next run
-        lsrfx.load_adapters(model, versions[name][v], **({"name": name} if name != "default" else {}))
+        lsrfx.load_adapters(swap_target, versions[name][v], **({"name": name} if name != "default" else {}))
     return latencies, wrong[0]
 
 
@@ -183,6 +197,8 @@ def main() -> None:
     p.add_argument("--clients", type=int, nargs="+", default=[1, 2, 4])
     p.add_argument("--seconds", type=float, default=10.0)
     p.add_argument("--swap-ms", type=float, default=300.0)
+    p.add_argument("--swap-into", choices=["served", "copy"], default="served",
+                   help="copy: the operator loads into a copy of the model (its CPU cost without the swap lock)")
     args = p.parse_args()
     print(f"serving ({args.part}{', compiled' if args.compiled else ''}): Llama hidden {args.hidden}, {args.layers} "
           f"layers, torch {torch.__version__}, {torch.get_num_threads()} threads, load average "
