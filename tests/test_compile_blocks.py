@@ -91,7 +91,7 @@ def test_block_code_compiles_at_most_twice_and_equals_eager(uncached_compile, me
     assert any(not torch.equal(p, before[n]) for n, p in params.items())
 
 
-def test_compile_blocks_before_adapt(fresh_dynamo):
+def test_compile_blocks_before_adapt(uncached_compile):
     """``compile_blocks`` first, ``adapt`` after: compilation happens at the first call, so the blocks compile
     with the adapters (fused by the pass) and still share one compiled code."""
     model = tiny_llama(num_hidden_layers=LAYERS).train()
