@@ -123,4 +123,5 @@ def test_explain_reports_the_mode_it_was_called_in(fresh_dynamo) -> None:
     decisions = [line for line in report.splitlines() if "q_proj [linear" in line]
     assert decisions and all("(no grad," in line for line in decisions), report
     report = str(lsrfx.explain(model.train(), ids))
-    assert all("(training," in line for line in report.splitlines() if "q_proj [linear" in line), report
+    decisions = [line for line in report.splitlines() if "q_proj [linear" in line]
+    assert decisions and all("(training," in line for line in decisions), report
