@@ -7,6 +7,9 @@ sets: its own LoRA adapter (``default``) and named LoRA, LSR-Adapt and GenLoRA s
 base in turn, against the same rows grouped by set and run one call per set; interleaved rounds, medians, eager and
 (``--compiled``) compiled.
 
+``--part swap``: the operator's work of one swap period below (replace the named LSR-Adapt set, hot-swap the
+model's own adapter), alone, median over ``--rounds`` periods.
+
 ``--part load``: ``N`` client threads (``--clients 1 2 4``) send requests (one prompt, ``adapter_names`` a random
 set) for ``--seconds``, without swaps and with an operator thread that every ``--swap-ms`` milliseconds replaces
 the named LSR-Adapt set with another version and hot-swaps the model's own adapter between two versions; the two
@@ -18,6 +21,7 @@ work beside the clients without the swap lock, to tell the two costs apart.
 
     python bench/serving.py --part mixed --rounds 7
     python bench/serving.py --part mixed --rounds 7 --compiled
+    python bench/serving.py --part swap --rounds 40
     python bench/serving.py --part load --clients 1 2 4 --seconds 5 --rounds 4
     python bench/serving.py --part load --clients 1 2 4 --seconds 5 --rounds 4 --swap-into copy
     python bench/serving.py --part load --clients 2 --seconds 1 --hidden 64 --layers 1     # smoke run
@@ -113,6 +117,26 @@ def mixed(args: argparse.Namespace) -> None:
             print(f"{k:26s} {med:8.2f} ms  x per-set {med / ref:.2f}")
 
 
+def swap(args: argparse.Namespace) -> None:
+    """The operator's work in one swap period of the load test, alone: replace the named LSR-Adapt set and
+    hot-swap the model's own adapter, median over ``--rounds`` periods after ``--warmup``."""
+    with tempfile.TemporaryDirectory() as workdir:
+        model, versions = served_model(args, workdir)
+
+        def period(v: int) -> None:
+            lsrfx.load_adapters(model, versions["lsr"][v], name="lsr")
+            lsrfx.load_adapters(model, versions["default"][v])
+
+        for r in range(args.warmup):
+            period(r % 2)
+        times = []
+        for r in range(args.rounds):
+            t0 = time.perf_counter()
+            period(r % 2)
+            times.append((time.perf_counter() - t0) * 1000)
+        print(f"one swap period (two loads)  {statistics.median(times):8.2f} ms  (median of {args.rounds})")
+
+
 def load(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as workdir:
         model, versions = served_model(args, workdir)
@@ -189,7 +213,7 @@ def run_load(model, swap_target, versions, prompts, want, names, n_clients, swap
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--part", choices=["mixed", "load"], default="mixed")
+    p.add_argument("--part", choices=["mixed", "load", "swap"], default="mixed")
     p.add_argument("--rows", type=int, default=8)
     p.add_argument("--seq", type=int, default=32)
     add_size_arguments(p, hidden=256, layers=4, rounds=7)
@@ -203,7 +227,7 @@ def main() -> None:
     print(f"serving ({args.part}{', compiled' if args.compiled else ''}): Llama hidden {args.hidden}, {args.layers} "
           f"layers, torch {torch.__version__}, {torch.get_num_threads()} threads, load average "
           f"{os.getloadavg()[0]:.2f} before")
-    mixed(args) if args.part == "mixed" else load(args)
+    {"mixed": mixed, "load": load, "swap": swap}[args.part](args)
     after = os.getloadavg()[0]
     print(f"load average {after:.2f} after" + ("  (above 1.5: these timings mean nothing)" if after > 1.5 else ""))
 

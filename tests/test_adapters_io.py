@@ -132,7 +132,12 @@ def test_repeated_swaps_hash_each_base_weight_once_until_it_changes(tmp_path, mo
     served = lsrfx.adapt(bert(), method="lora", r=2)
     hashed = [0]
     fingerprint = adapters_io.fingerprint
-    monkeypatch.setattr(adapters_io, "fingerprint", lambda w: (hashed.__setitem__(0, hashed[0] + 1), fingerprint(w))[1])
+
+    def counted_fingerprint(weight: torch.Tensor) -> dict:
+        hashed[0] += 1
+        return fingerprint(weight)
+
+    monkeypatch.setattr(adapters_io, "fingerprint", counted_fingerprint)
     lsrfx.load_adapters(served, tmp_path)
     layers = len(list(adapted_layers(served)))
     assert hashed[0] == layers
