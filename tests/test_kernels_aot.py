@@ -4,11 +4,12 @@ Each build must produce a cubin, fit the target's shared memory per block (sm_80
 its matmuls on the tensor cores it should (``mma.sync`` on sm_80; ``wgmma`` on sm_90 for row blocks >= 64, kept
 in flight across K-iterations; none for exact fp32).
 
-Coverage, to keep the suite fast (~0.7 s of CPU per build, two builds at a time; 182 builds): every (kernel,
-variant, dtype, autotune config) for sm_90 at rank block 16 (153 builds); for sm_80 the largest config of each
-(kernel, variant) in fp16 and TF32, the two operand sizes that reach the tensor cores (bf16 tiles match fp16's,
-fp32 ones TF32's); the fused kernel's largest fp16 configs at rank block 64 on both. ``python -m
-lsrfx.kernels.aot`` (default ``--arch 80 90 --rank-blocks 16 64``: 606 builds) builds the whole matrix. The
+Coverage, to keep the suite fast (~0.7 s of CPU per build, two builds at a time): on both architectures the
+largest autotune config of every (kernel, variant, dtype) (sm_80: fp16 and TF32, the two operand sizes that reach
+the tensor cores; bf16 tiles match fp16's, fp32 ones TF32's), on sm_90 also the smallest config of every (kernel,
+variant) in bf16 (one warpgroup, the smallest tiles that must still use ``wgmma``), and the fused kernel's largest
+fp16 configs at rank block 64 on both. ``python -m lsrfx.kernels.aot`` (default ``--arch 80 90 --rank-blocks 16
+64``: 606 builds) builds the whole matrix, every autotune config included. The
 builds run in a subprocess: this test session imported triton with ``TRITON_INTERPRET=1``, which makes its
 functions uncompilable.
 """
@@ -32,10 +33,12 @@ FULL_ARCH, SLICE_ARCH = 90, 80
 def planned() -> dict[int, list[aot.Specialisation]]:
     """The builds this test checks, per architecture (see the module docstring)."""
     full = aot.specialisations((16,))
-    tile_slice = [s for s in aot.representative(full) if s.dtype in ("fp16", "tf32")]
+    largest = aot.representative(full)
+    smallest = [s for s in aot.representative(s for s in reversed(full) if s.dtype == "bf16") if s not in largest]
+    tile_slice = [s for s in largest if s.dtype in ("fp16", "tf32")]
     wide_rank = [s for s in aot.representative(aot.specialisations((64,)))
                  if s.dtype == "fp16" and s.rank_block == 64 and s.kernel == "fused_lowrank"]
-    return {FULL_ARCH: full + wide_rank, SLICE_ARCH: tile_slice + wide_rank}
+    return {FULL_ARCH: largest + smallest + wide_rank, SLICE_ARCH: tile_slice + wide_rank}
 
 
 PLAN = planned()

@@ -127,18 +127,25 @@ class CondLoRAAdapter(Adapter):
             yield from self.pair.named_parameters(f"{prefix}.pair" if prefix else "pair", True, remove_duplicate)
 
     def factors(self, w0: Tensor) -> tuple[Tensor, Tensor]:
+        pair, r = self.pair, self.rank
         if torch.compiler.is_compiling():  # the form the compile pass rewrites (W0 arrives dequantised here)
-            w = w0.detach().to(self.pair.C_A.dtype)  # W0 is frozen: gradients flow to C_A, C_B only
-            return self.pair.C_A @ (w.t() if self.pair.square else w), w @ self.pair.C_B.t()
-        if hasattr(self.pair.C_A, "device_mesh") != hasattr(w0, "device_mesh"):
+            w = w0.detach().to(pair.C_A.dtype)  # W0 is frozen: gradients flow to C_A, C_B only
+            if pair.square:  # A = C_A W0.T and B.T = C_B W0.T: one product reads W0 once
+                both = torch.cat([pair.C_A, pair.C_B]) @ w.t()
+                return both[:r], both[r:].t()
+            return pair.C_A @ w, w @ pair.C_B.t()
+        if hasattr(pair.C_A, "device_mesh") != hasattr(w0, "device_mesh"):
             raise LsrfxError(
-                f"condlora: the conversion pair registered under '{self.pair.owner}' is sharded differently from a "
+                f"condlora: the conversion pair registered under '{pair.owner}' is sharded differently from a "
                 f"{self.d_out} x {self.d_in} weight of its group (one is a DTensor): under FSDP2 every layer of a "
                 "group must be in the pair's fully_shard unit; call fully_shard on the root only, or use DDP."
             )
-        a = FrozenProduct.apply(self.pair.C_A, w0, self.pair.square)  # W0 is frozen: no gradient reaches it
-        b = FrozenProduct.apply(self.pair.C_B, w0, True).t()
-        return a, b
+        # W0 is frozen: no gradient reaches it. Its products with the pair are memory-bound skinny matmuls (each
+        # reads all of W0 for 2r or fewer rows), so a square layer forms both factors in one product.
+        if pair.square:
+            both = FrozenProduct.apply(torch.cat([pair.C_A, pair.C_B]), w0, True)
+            return both[:r], both[r:].t()
+        return FrozenProduct.apply(pair.C_A, w0, False), FrozenProduct.apply(pair.C_B, w0, True).t()
 
     def extra_repr(self) -> str:
         shared = "" if self.owns_pair else f", pair=shared with '{self.pair.owner}'"
