@@ -130,10 +130,7 @@ class CondLoRAAdapter(Adapter):
         pair, r = self.pair, self.rank
         if torch.compiler.is_compiling():  # the form the compile pass rewrites (W0 arrives dequantised here)
             w = w0.detach().to(pair.C_A.dtype)  # W0 is frozen: gradients flow to C_A, C_B only
-            if pair.square:  # A = C_A W0.T and B.T = C_B W0.T: one product reads W0 once
-                both = torch.cat([pair.C_A, pair.C_B]) @ w.t()
-                return both[:r], both[r:].t()
-            return pair.C_A @ w, w @ pair.C_B.t()
+            return pair.C_A @ (w.t() if pair.square else w), w @ pair.C_B.t()  # each product a node the pass reads
         if hasattr(pair.C_A, "device_mesh") != hasattr(w0, "device_mesh"):
             raise LsrfxError(
                 f"condlora: the conversion pair registered under '{pair.owner}' is sharded differently from a "
