@@ -1,16 +1,23 @@
 """``lsrfx::kron_sum``: ``sum_k kron(P[k], Q[k])``, how LSR-Adapt builds its ``A`` and ``B``.
 
 Marking the Kronecker sum as an op lets the compile pass hand the small factors straight to ``lsrfx::lsr_linear``
-instead of the dense ``A`` and ``B``. This is the one place the Kronecker-sum math and its gradient live: the op's
-body and autograd, ``lsr_linear``'s reference and backward, and the ONNX translation all use it.
+instead of the dense ``A`` and ``B``, and batch the sums of equal-shaped layers into one call. This is the one place
+the Kronecker-sum math and its gradient live: the op's body and autograd, ``lsr_linear``'s reference and backward,
+and the ONNX translation all use it.
+
+The op and its backward (``lsrfx::kron_sum_backward``) are opaque ``custom_op``s: Inductor calls them instead of
+generating code for them (what a structured factor added to a cold compile; ``docs/architecture.md``, "Compile
+time"), so their bodies are the matrix-product forms eager code should run (:func:`kron_sum_product`,
+:func:`kron_sum_product_grads`). :func:`kron_sum_reference` and :func:`kron_sum_grads`, the broadcast-product
+reductions, are the statement of the math, and what ``lsr_linear``'s body and backward trace into compiled code.
 """
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from lsrfx.kernels.layout import formed_transposed
-from lsrfx.kernels.torch_body_op import torch_body_op
 
 
 def kron_sum_reference(p: Tensor, q: Tensor) -> Tensor:
@@ -80,17 +87,58 @@ def kron_sum_grads_formed(grad: Tensor, p: Tensor, q: Tensor, need_p: bool = Tru
     return (None if grad_pt is None else grad_pt.mT), (None if grad_qt is None else grad_qt.mT)
 
 
-def _kron_sum(p: Tensor, q: Tensor) -> Tensor:
-    """Sum of Kronecker products; see :func:`kron_sum_reference` and, for the layout, :func:`kron_sum_transposed`."""
-    return kron_sum_formed(p, q)
+def kron_sum_product(p: Tensor, q: Tensor) -> Tensor:
+    """:func:`kron_sum_reference`'s values as one (batched) matrix product over the ``S`` terms and a permuted copy,
+    leading batch dimensions kept: :func:`kron_sum_matmul` for stacked layers."""
+    *lead, s, m1, n1 = p.shape
+    m2, n2 = q.shape[-2:]
+    out = p.reshape(*lead, s, m1 * n1).mT @ q.reshape(*lead, s, m2 * n2)  # [..., (a, b), (c, d)]
+    k = len(lead)
+    return out.reshape(*lead, m1, n1, m2, n2).permute(*range(k), k, k + 2, k + 1, k + 3).reshape(
+        *lead, m1 * m2, n1 * n2)
 
 
-kron_sum = torch_body_op("lsrfx::kron_sum", _kron_sum)  # Inductor compiles the body in the graph
+def kron_sum_product_grads(grad: Tensor, p: Tensor, q: Tensor) -> tuple[Tensor, Tensor]:
+    """:func:`kron_sum_grads` as two (batched) matrix products: ``grad`` regrouped by Kronecker block, then
+    contracted with ``Q`` for ``grad_P`` and with ``P`` for ``grad_Q``."""
+    *lead, s, m1, n1 = p.shape
+    m2, n2 = q.shape[-2:]
+    k = len(lead)
+    g = grad.reshape(*lead, m1, m2, n1, n2).permute(*range(k), k, k + 2, k + 1, k + 3).reshape(
+        *lead, m1 * n1, m2 * n2)
+    grad_p = (g @ q.reshape(*lead, s, m2 * n2).mT).mT.reshape(*lead, s, m1, n1)
+    grad_q = (p.reshape(*lead, s, m1 * n1) @ g).reshape(*lead, s, m2, n2)
+    return grad_p, grad_q
+
+
+@torch.library.custom_op("lsrfx::kron_sum", mutates_args=())
+def kron_sum(p: Tensor, q: Tensor) -> Tensor:
+    """Sum of Kronecker products (:func:`kron_sum_reference`'s values) in the layout :func:`kron_sum_transposed`
+    chooses. Opaque to Inductor (see the module docstring): its body runs as the matrix products above."""
+    if kron_sum_transposed(p, q):
+        return kron_sum_product(p.mT, q.mT).mT
+    return kron_sum_product(p, q)
 
 
 @kron_sum.register_fake
 def _(p: Tensor, q: Tensor) -> Tensor:
     return kron_sum_empty(p, q)
+
+
+@torch.library.custom_op("lsrfx::kron_sum_backward", mutates_args=())
+def kron_sum_backward(grad: Tensor, p: Tensor, q: Tensor) -> tuple[Tensor, Tensor]:
+    """``(grad_P, grad_Q)`` of :func:`kron_sum`, contiguous like ``P`` and ``Q``."""
+    if kron_sum_transposed(p, q):
+        grad_pt, grad_qt = kron_sum_product_grads(grad.mT, p.mT, q.mT)
+        return grad_pt.mT.contiguous(), grad_qt.mT.contiguous()
+    grad_p, grad_q = kron_sum_product_grads(grad, p, q)
+    return grad_p.contiguous(), grad_q.contiguous()
+
+
+@kron_sum_backward.register_fake
+def _(grad: Tensor, p: Tensor, q: Tensor) -> tuple[Tensor, Tensor]:
+    return torch.empty_like(p, memory_format=torch.contiguous_format), torch.empty_like(
+        q, memory_format=torch.contiguous_format)
 
 
 def _setup_context(ctx, inputs: tuple, output: Tensor) -> None:
@@ -99,7 +147,8 @@ def _setup_context(ctx, inputs: tuple, output: Tensor) -> None:
 
 def _backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:
     p, q = ctx.saved_tensors
-    return kron_sum_grads_formed(grad, p, q, need_p=ctx.needs_input_grad[0], need_q=ctx.needs_input_grad[1])
+    grad_p, grad_q = torch.ops.lsrfx.kron_sum_backward(grad, p, q)
+    return (grad_p if ctx.needs_input_grad[0] else None), (grad_q if ctx.needs_input_grad[1] else None)
 
 
 kron_sum.register_autograd(_backward, setup_context=_setup_context)

@@ -12,18 +12,18 @@ Every argument may carry the same leading batch dimensions: ``Z`` ``(..., n, g)`
 element exactly what it would be alone (the same elementwise arithmetic).
 
 Why an op (see ``docs/architecture.md``, "Compile time"): GenLoRA's factors depend on its parameters only, so
-Inductor schedules every layer's synthesis, forward and backward, side by side and fuses them into one C++ kernel per
-graph whose source grows with the number of layers: nothing to share between layers, and C++ compile and code
-generation grew by seconds per decoder layer. Marked as this op in a captured graph, the compile pass stacks the
-layers whose banks have the same shapes and calls the op once on the stack (:func:`lsrfx.passes.fuse.batch_factor_ops`),
-so the generated code is one kernel per shape, whatever the depth. GenLoRA calls the op in eager mode too, where its
-backward's recomputation keeps only the parameters alive for the backward; ``torch.export`` keeps the plain torch
-functions (:func:`rbf_bank_reference`, the same values), so exported graphs hold standard ops.
+Inductor schedules every layer's synthesis, forward and backward, side by side and generates code for each; marked as
+this op in a captured graph, the compile pass stacks the layers whose banks have the same shapes and calls the op
+once on the stack (:func:`lsrfx.passes.fuse.batch_factor_ops`), one call per shape whatever the depth. The op and its
+backward (``lsrfx::rbf_bank_backward``) are opaque ``custom_op``s: Inductor calls them as they are instead of
+generating and compiling C++ for the synthesis, which was most of what GenLoRA added to a cold compile. Their
+bodies (:func:`rbf_bank_forward`, :func:`rbf_bank_backward_values`) are written for eager execution, with as few
+passes over the ``m x n`` values as the arithmetic allows (in-place updates of fresh temporaries; the latent and
+centre gradients as two small matrix products). GenLoRA calls the op in eager mode too, where its backward's
+recomputation keeps only the parameters alive for the backward; ``torch.export`` keeps the plain torch functions
+(:func:`rbf_bank_reference`, the same values), so exported graphs hold standard ops.
 
-The backward is written out (:func:`rbf_bank_grads`) so that it also follows the layout rule of
-:mod:`lsrfx.kernels.layout`: the squared distances are summed over the latent dimension ``g``
-term by term, so the centres' gradient is a reduction over the ``n`` positions per latent coordinate, never one
-ending in ``g``.
+:func:`rbf_bank_reference` and :func:`rbf_bank_grads` are the plain statement of the math the op is tested against.
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lsrfx.kernels.torch_body_op import torch_body_op
 
 BASES = ("rbf", "centred", "mixed")
 
@@ -100,17 +99,74 @@ def rbf_bank_empty(z: Tensor, weights: Tensor, basis: str) -> Tensor:
     return weights.new_empty([*weights.shape[:-2 if basis == "mixed" else -1], r, z.shape[-2]])
 
 
-def _rbf_bank(z: Tensor, centres: Tensor, log_gamma: Tensor, weights: Tensor, basis: str) -> Tensor:
+def _scaled_sq_distances(z: Tensor, centres: Tensor, gamma: Tensor) -> Tensor:
+    """``gamma_i * ||z_j - centres_i||^2`` as a fresh ``(..., m, n)`` tensor, updated in place term by term."""
+    out = torch.sub(centres[..., :, 0, None], z[..., None, :, 0]).square_()
+    for k in range(1, z.shape[-1]):
+        out.add_(torch.sub(centres[..., :, k, None], z[..., None, :, k]).square_())
+    return out.mul_(gamma.unsqueeze(-1))
+
+
+def rbf_bank_forward(z: Tensor, centres: Tensor, log_gamma: Tensor, weights: Tensor, basis: str) -> Tensor:
+    """:func:`rbf_bank_reference`'s values with in-place updates of one fresh ``(..., m, n)`` tensor."""
+    phi = _scaled_sq_distances(z, centres, log_gamma.exp()).neg_().exp_()
+    if basis == "mixed":
+        return (weights @ phi).mul_(z.shape[-2] ** -0.5)
+    if basis == "centred":
+        phi.sub_(phi.mean(-1, keepdim=True))
+    return phi.mul_(weights.unsqueeze(-1))
+
+
+def rbf_bank_backward_values(grad: Tensor, z: Tensor, centres: Tensor, log_gamma: Tensor, weights: Tensor,
+                             basis: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """:func:`rbf_bank_grads`'s values with fewer passes: ``Phi`` recomputed from the scaled distances ``e`` (kept
+    for ``log_gamma``'s gradient, ``-sum_j dPhi_ij * e_ij``); with ``h = -2 gamma_i dL/dArg`` (the exponent's
+    gradient), ``dL/dc_i = c_i sum_j h_ij - sum_j h_ij z_j`` and ``dL/dz_j = z_j sum_i h_ij - sum_i h_ij c_i``,
+    each pair of sums one matrix product with a column of ones appended."""
+    gamma = log_gamma.exp()
+    e = _scaled_sq_distances(z, centres, gamma)  # gamma * ||z - c||^2
+    phi = torch.neg(e).exp_()
+    if basis == "mixed":
+        s = z.shape[-2] ** -0.5
+        grad_w = (grad @ phi.mT).mul_(s)
+        grad_arg = (weights.mT @ grad).mul_(phi).mul_(s)
+    elif basis == "centred":
+        grad_w = torch.linalg.vecdot(grad, phi) - phi.mean(-1) * grad.sum(-1)
+        grad_arg = (grad - grad.mean(-1, keepdim=True)).mul_(weights.unsqueeze(-1)).mul_(phi)
+    else:
+        grad_w = torch.linalg.vecdot(grad, phi)
+        grad_arg = torch.mul(grad, weights.unsqueeze(-1)).mul_(phi)
+    grad_log_gamma = torch.linalg.vecdot(grad_arg, e).neg_()  # d(-gamma sq) / d log_gamma = -gamma sq
+    h = grad_arg.mul_(gamma.unsqueeze(-1) * -2)
+    by_centre = h @ torch.cat([z, z.new_ones(*z.shape[:-1], 1)], -1)  # (..., m, g + 1): h @ z, row sums
+    by_position = h.mT @ torch.cat([centres, centres.new_ones(*centres.shape[:-1], 1)], -1)  # (..., n, g + 1)
+    grad_c = centres * by_centre[..., -1:] - by_centre[..., :-1]
+    grad_z = z * by_position[..., -1:] - by_position[..., :-1]
+    return grad_z, grad_c, grad_log_gamma, grad_w
+
+
+@torch.library.custom_op("lsrfx::rbf_bank", mutates_args=())
+def rbf_bank(z: Tensor, centres: Tensor, log_gamma: Tensor, weights: Tensor, basis: str) -> Tensor:
     """GenLoRA's bank; see the module docstring."""
-    return rbf_bank_reference(z, centres, log_gamma, weights, basis)
-
-
-rbf_bank = torch_body_op("lsrfx::rbf_bank", _rbf_bank)  # Inductor compiles the body in the graph
+    return rbf_bank_forward(z, centres, log_gamma, weights, basis)
 
 
 @rbf_bank.register_fake
 def _(z: Tensor, centres: Tensor, log_gamma: Tensor, weights: Tensor, basis: str) -> Tensor:
     return rbf_bank_empty(z, weights, basis)
+
+
+@torch.library.custom_op("lsrfx::rbf_bank_backward", mutates_args=())
+def rbf_bank_backward(grad: Tensor, z: Tensor, centres: Tensor, log_gamma: Tensor, weights: Tensor,
+                      basis: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The bank's gradients (:func:`rbf_bank_grads`) as one op, opaque to Inductor like the forward."""
+    return rbf_bank_backward_values(grad, z, centres, log_gamma, weights, basis)
+
+
+@rbf_bank_backward.register_fake
+def _(grad: Tensor, z: Tensor, centres: Tensor, log_gamma: Tensor, weights: Tensor,
+      basis: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return torch.empty_like(z), torch.empty_like(centres), torch.empty_like(log_gamma), torch.empty_like(weights)
 
 
 def _setup_context(ctx, inputs: tuple, output: Tensor) -> None:
@@ -120,7 +176,7 @@ def _setup_context(ctx, inputs: tuple, output: Tensor) -> None:
 
 
 def _backward(ctx, grad: Tensor) -> tuple:
-    grads = rbf_bank_grads(grad, *ctx.saved_tensors, ctx.basis)
+    grads = torch.ops.lsrfx.rbf_bank_backward(grad, *ctx.saved_tensors, ctx.basis)
     return (*(g if need else None for g, need in zip(grads, ctx.needs_input_grad[:4], strict=True)), None)
 
 

@@ -2,8 +2,9 @@
 
 ``torch.library.custom_op`` would make the op opaque: Inductor calls it as an extern kernel, eagerly, and fuses
 nothing around it. A ``triton_op`` is traced into by Inductor instead, whether or not its body launches Triton
-kernels; ``compose``, ``kron_sum``, ``merged_linear`` and ``rbf_bank`` are such ops with torch bodies only (the
-op boundary is what marks adapter structure for the pass, the batching and the export). ``triton_op`` warns
+kernels; ``compose`` and ``merged_linear`` are such ops with torch bodies only (the op boundary is what marks adapter
+structure for the pass and the export). The factor ops ``kron_sum`` and ``rbf_bank`` are opaque ``custom_op``s
+instead: code generated for them is what structured factors added to a cold compile. ``triton_op`` warns
 when it finds no Triton kernel in a body, which is expected here, hence the quiet logger.
 """
 
