@@ -69,9 +69,11 @@ MACHINES = {"cpu": Machine(peak=1.7e11, bandwidth=9.0e9),
 # A factor formed by a small 2-D matrix product (CondLoRA's C_A @ W0.T) is rewritten by the pass as a broadcast
 # product summed over the inner dimension, which Inductor generates as a reduction fused into kernels the step
 # launches anyway, instead of one BLAS call forward and one backward. The reduction form is slower per flop than
-# BLAS, close at small sizes and far behind at large ones (bench/README.md, "The cost model"); up to this many
-# flops (2 r d^2 for d = 1024, r = 8) the launches saved are worth more than the slower product.
-SMALL_PRODUCT_FLOPS = 2**24
+# BLAS, close at small sizes and far behind at large ones (bench/README.md, "The cost model"), and it is code
+# generated and compiled for every layer, so a cold compile grows with depth. Up to this many flops (2 r d^2 for
+# d ~ 440 at r = 8: BERT-size layers) the launches saved are worth it; at d = 1024 the product is twice as slow as
+# BLAS and a compiled step gains nothing from it.
+SMALL_PRODUCT_FLOPS = 3 * 2**20
 
 RULE = "roofline: the cheapest of fused, merged and materialised (lsrfx/passes/cost_model.py)"
 MEASURED_RULE = RULE  # the name lsrfx.explain reads
