@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from lsrfx.adapters.base import Adapter, AdapterConfig, LayerSpec, alpha_field, check_rank, option_field
 from lsrfx.errors import LsrfxError
-from lsrfx.kernels.kron_sum import kron_sum, kron_sum_matmul
+from lsrfx.kernels.kron_sum import kron_sum, kron_sum_product
 
 
 def balanced_split(d: int) -> tuple[int, int]:
@@ -139,7 +139,7 @@ class LSRAdapter(Adapter):
     def factors(self, w0: Tensor) -> tuple[Tensor, Tensor]:
         if torch.compiler.is_compiling():  # the op: it marks the structure for the compile pass and the export
             return kron_sum(self.A1, self.A2), kron_sum(self.B1, self.B2)
-        return kron_sum_matmul(self.A1, self.A2), kron_sum_matmul(self.B1, self.B2)
+        return kron_sum_product(self.A1, self.A2), kron_sum_product(self.B1, self.B2)
 
     def extra_repr(self) -> str:
         return (

@@ -45,16 +45,6 @@ def kron_sum_grads(grad: Tensor, p: Tensor, q: Tensor, need_p: bool = True,
     return grad_p, grad_q
 
 
-def kron_sum_matmul(p: Tensor, q: Tensor) -> Tensor:
-    """:func:`kron_sum_reference`'s values for ``P: (S, m1, n1)``, ``Q: (S, m2, n2)`` as one matrix product over the
-    ``S`` terms and a permuted copy: what eager code (and autograd's backward) should run. The broadcast form
-    materialises ``S`` times the result before summing, which Inductor fuses away but eager execution pays for."""
-    s, m1, n1 = p.shape
-    m2, n2 = q.shape[-2:]
-    out = p.reshape(s, m1 * n1).t() @ q.reshape(s, m2 * n2)  # [(a, b), (c, d)] = sum_k P[k, a, b] Q[k, c, d]
-    return out.reshape(m1, n1, m2, n2).permute(0, 2, 1, 3).reshape(m1 * m2, n1 * n2)
-
-
 def kron_sum_transposed(p: Tensor, q: Tensor) -> bool:
     """Whether ``M = sum_k kron(P[k], Q[k])`` is formed as ``M.T`` and handed out as its transpose view: when it
     has fewer columns than rows (LSR-Adapt's ``B``, ``N x r``), by :func:`lsrfx.kernels.layout.formed_transposed`.
@@ -89,7 +79,8 @@ def kron_sum_grads_formed(grad: Tensor, p: Tensor, q: Tensor, need_p: bool = Tru
 
 def kron_sum_product(p: Tensor, q: Tensor) -> Tensor:
     """:func:`kron_sum_reference`'s values as one (batched) matrix product over the ``S`` terms and a permuted copy,
-    leading batch dimensions kept: :func:`kron_sum_matmul` for stacked layers."""
+    leading batch dimensions kept: what eager code (and autograd through it) should run. The broadcast form
+    materialises ``S`` times the result before summing, which Inductor fuses away but eager execution pays for."""
     *lead, s, m1, n1 = p.shape
     m2, n2 = q.shape[-2:]
     out = p.reshape(*lead, s, m1 * n1).mT @ q.reshape(*lead, s, m2 * n2)  # [..., (a, b), (c, d)]

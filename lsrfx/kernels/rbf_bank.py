@@ -31,7 +31,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-
 BASES = ("rbf", "centred", "mixed")
 
 
