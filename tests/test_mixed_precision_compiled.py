@@ -88,8 +88,8 @@ def test_the_issues_reproducer_compiles_under_bf16_autocast(uncached_compile) ->
 # The fused ops for every method under bf16 autocast (the case of the issue) and with bf16 weights; fp16 autocast
 # takes the same autocast rules with another dtype, checked on one method whose factors are parameters (LoRA) and
 # one whose factors are ops (LSR-Adapt); the merged op (whose autocast rule differs: W0 joins the factors) under bf16
-# autocast, for a structure fed by a factor op (LSR-Adapt) and one formed in plain torch (GenLoRA). Each case is a
-# cold compile: the pairs are chosen so that every op and rule runs without the whole cross product.
+# autocast, for factors from the Kronecker op (LSR-Adapt) and from the RBF bank (GenLoRA). Each case is a cold
+# compile: the pairs are chosen so that every op and rule runs without the whole cross product.
 CASES = [(m, p, "always") for m in lsrfx.METHODS for p in ("bf16-autocast", "bf16-weights")]
 CASES += [(m, "fp16-autocast", "always") for m in ("lora", "lsr")]
 CASES += [(m, "bf16-autocast", "merged") for m in ("lsr", "genlora")]
