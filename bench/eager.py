@@ -32,6 +32,7 @@ Load average is printed before and after; above 1.5 the timings mean nothing (ru
     python bench/eager.py --setup llama --rounds 5 --formed                   # plus the old formed-weight path
     python bench/eager.py --setup bert --rounds 5
     python bench/eager.py --setup llama --mode compiled --rounds 5
+    python bench/eager.py --setup llama --mode compiled --methods condlora --product-bound 16777216   # the old bound
     python bench/eager.py --setup llama --peak                                # peak RSS, one process per variant
     python bench/eager.py --setup llama --hidden 64 --layers 1 --seq 8 --rounds 1 --warmup 1   # smoke run
 """
@@ -160,8 +161,15 @@ def main() -> None:
     p.add_argument("--methods", nargs="+", default=list(METHODS))
     p.add_argument("--formed", action="store_true", help="add each method through the formed weight")
     p.add_argument("--peak", action="store_true", help="peak RSS per variant, one fresh process each")
+    p.add_argument("--product-bound", type=int, default=None,
+                   help="compiled mode: the cost model's SMALL_PRODUCT_FLOPS for this run (CondLoRA's small factor "
+                        "products generated as reductions up to it; 0: always BLAS calls)")
     p.add_argument("--only", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.product_bound is not None:
+        from lsrfx.passes import cost_model
+
+        cost_model.SMALL_PRODUCT_FLOPS = args.product_bound
     args.batch = args.batch or (2 if args.setup == "llama" else 16)
     if args.threads:
         torch.set_num_threads(args.threads)
