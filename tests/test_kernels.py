@@ -357,6 +357,12 @@ def test_kron_sum_and_its_gradient_match_torch_kron(shape):
         torch.testing.assert_close(a, b)
     assert kron_sum_grads(g, p, q, need_p=False)[0] is None and kron_sum_grads(g, p, q, need_q=False)[1] is None
     torch.testing.assert_close(torch.autograd.grad(torch.ops.lsrfx.kron_sum(p, q), (p, q), g), want)  # the op
+    from lsrfx.kernels.kron_sum import KronSum  # the eager function over the op's bodies: same layout and values
+
+    eager_out = KronSum.apply(p, q)
+    assert eager_out.stride() == op_out.stride()
+    torch.testing.assert_close(eager_out, dense)
+    torch.testing.assert_close(torch.autograd.grad(eager_out, (p, q), g), want)
     # the eager form (one matmul over the terms): same values, and autograd through it gives the same gradients
     from lsrfx.kernels.kron_sum import kron_sum_product
 
@@ -385,22 +391,23 @@ def test_kron_sum_of_stacked_layers_is_each_layer_alone():
 @pytest.mark.parametrize("basis", ["rbf", "centred", "mixed"])
 @pytest.mark.parametrize("g", [1, 2, 3])
 def test_rbf_bank_op_and_its_gradient_match_the_reference(basis, g):
-    """``lsrfx::rbf_bank`` (its eager-written body and its backward op) against autograd through the plain
-    reference, with and without leading batch dimensions, and ``opcheck`` (fake function, autograd registration)."""
-    from lsrfx.kernels.rbf_bank import rbf_bank_reference
+    """``lsrfx::rbf_bank`` (its eager-written body and its backward op) and the eager ``RbfBank`` function against
+    autograd through the plain reference, with and without leading batch dimensions, and ``opcheck`` (fake
+    function, autograd registration)."""
+    from lsrfx.kernels.rbf_bank import RbfBank, rbf_bank_reference
 
     for lead in ((), (3,)):
         z = torch.randn(*lead, 40, g, dtype=torch.float64, requires_grad=True)
         c = torch.randn(*lead, 6, g, dtype=torch.float64, requires_grad=True)
         lg = (0.5 * torch.randn(*lead, 6, dtype=torch.float64)).requires_grad_()
         w = torch.randn(*lead, *((5, 6) if basis == "mixed" else (6,)), dtype=torch.float64, requires_grad=True)
-        out = torch.ops.lsrfx.rbf_bank(z, c, lg, w, basis)
         want = rbf_bank_reference(z, c, lg, w, basis)
-        torch.testing.assert_close(out, want)
         grad = torch.randn_like(want)
-        for a, b in zip(torch.autograd.grad(out, (z, c, lg, w), grad), torch.autograd.grad(want, (z, c, lg, w), grad),
-                        strict=True):
-            torch.testing.assert_close(a, b)
+        want_grads = torch.autograd.grad(want, (z, c, lg, w), grad)
+        for out in (torch.ops.lsrfx.rbf_bank(z, c, lg, w, basis), RbfBank.apply(z, c, lg, w, basis)):
+            torch.testing.assert_close(out, want)
+            for a, b in zip(torch.autograd.grad(out, (z, c, lg, w), grad), want_grads, strict=True):
+                torch.testing.assert_close(a, b)
         torch.library.opcheck(torch.ops.lsrfx.rbf_bank, (z, c, lg, w, basis))
 
 

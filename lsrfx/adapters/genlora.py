@@ -65,7 +65,7 @@ from torch import Tensor, nn
 
 from lsrfx.adapters.base import Adapter, AdapterConfig, LayerSpec, alpha_field, check_rank, option_field, rank_field
 from lsrfx.errors import LsrfxError
-from lsrfx.kernels.rbf_bank import rbf_bank_reference, rbf_features, sq_distances
+from lsrfx.kernels.rbf_bank import RbfBank, rbf_bank_reference, rbf_features, sq_distances
 
 BASES = ("rbf", "centred", "mixed")
 GAMMA_HEURISTICS = ("auto", "median", "nearest")
@@ -217,11 +217,11 @@ class GenLoRAAdapter(Adapter):
         weights_a, weights_b = (self.mix_A, self.mix_B) if self.basis == "mixed" else (self.amplitude_A,
                                                                                       self.amplitude_B)
         if not torch.compiler.is_exporting():
-            # The same values through the ``rbf_bank`` op (lsrfx/kernels/rbf_bank.py): under torch.compile the pass
-            # batches it across layers (one generated kernel per bank shape instead of code per layer); in eager
-            # training its backward recomputes the RBF features instead of keeping them (r x n values per bank and
-            # layer) from forward to backward.
-            bank = torch.ops.lsrfx.rbf_bank
+            # The same values through the ``rbf_bank`` op (lsrfx/kernels/rbf_bank.py), which the compile pass
+            # batches across layers, or eagerly through its bodies behind an autograd.Function (a custom op's
+            # dispatch costs more than a small bank's arithmetic). Either backward recomputes the RBF features
+            # instead of keeping them (r x n values per bank and layer) from forward to backward.
+            bank = torch.ops.lsrfx.rbf_bank if torch.compiler.is_compiling() else RbfBank.apply
             a = bank(self.Z_A, self.centres_A, self.log_gamma_A, weights_a, self.basis)  # (r, d_in)
             b = bank(self.Z_B, self.centres_B, self.log_gamma_B, weights_b, self.basis).t()  # (d_out, r)
             return a, b

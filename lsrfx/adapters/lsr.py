@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from lsrfx.adapters.base import Adapter, AdapterConfig, LayerSpec, alpha_field, check_rank, option_field
 from lsrfx.errors import LsrfxError
-from lsrfx.kernels.kron_sum import kron_sum
+from lsrfx.kernels.kron_sum import KronSum, kron_sum
 
 
 def balanced_split(d: int) -> tuple[int, int]:
@@ -137,8 +137,11 @@ class LSRAdapter(Adapter):
                 self.B2.normal_(0.0, s**-0.5)
 
     def factors(self, w0: Tensor) -> tuple[Tensor, Tensor]:
-        # The op marks the structure for the compile pass and the export; eagerly its body is the matrix-product form.
-        return kron_sum(self.A1, self.A2), kron_sum(self.B1, self.B2)
+        # The op marks the structure for the compile pass and the export; eagerly its bodies run behind an
+        # autograd.Function (a custom op's dispatch costs more than the arithmetic of these small sums).
+        traced = torch.compiler.is_compiling() or torch.compiler.is_exporting()
+        kron = kron_sum if traced else KronSum.apply
+        return kron(self.A1, self.A2), kron(self.B1, self.B2)
 
     def extra_repr(self) -> str:
         return (

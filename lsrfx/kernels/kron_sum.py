@@ -8,7 +8,8 @@ and the ONNX translation all use it.
 The op and its backward (``lsrfx::kron_sum_backward``) are opaque ``custom_op``s: Inductor calls them instead of
 generating code for them (what a structured factor added to a cold compile; ``docs/architecture.md``, "Compile
 time"), so their bodies are the matrix-product forms eager code should run (:func:`kron_sum_product`,
-:func:`kron_sum_product_grads`). :func:`kron_sum_reference` and :func:`kron_sum_grads`, the broadcast-product
+:func:`kron_sum_product_grads`). Eager callers run those bodies through :class:`KronSum`, a plain
+``autograd.Function`` that dispatches faster than the op. :func:`kron_sum_reference` and :func:`kron_sum_grads`, the broadcast-product
 reductions, are the statement of the math, and what ``lsr_linear``'s body and backward trace into compiled code.
 """
 
@@ -102,13 +103,27 @@ def kron_sum_product_grads(grad: Tensor, p: Tensor, q: Tensor) -> tuple[Tensor, 
     return grad_p, grad_q
 
 
-@torch.library.custom_op("lsrfx::kron_sum", mutates_args=())
-def kron_sum(p: Tensor, q: Tensor) -> Tensor:
+def kron_sum_values(p: Tensor, q: Tensor) -> Tensor:
     """Sum of Kronecker products (:func:`kron_sum_reference`'s values) in the layout :func:`kron_sum_transposed`
-    chooses. Opaque to Inductor (see the module docstring): its body runs as the matrix products above."""
+    chooses, as the matrix products above: the body of the op and of :class:`KronSum`."""
     if kron_sum_transposed(p, q):
         return kron_sum_product(p.mT, q.mT).mT
     return kron_sum_product(p, q)
+
+
+def kron_sum_grad_values(grad: Tensor, p: Tensor, q: Tensor) -> tuple[Tensor, Tensor]:
+    """``(grad_P, grad_Q)`` of :func:`kron_sum_values`, contiguous like ``P`` and ``Q``."""
+    if kron_sum_transposed(p, q):
+        grad_pt, grad_qt = kron_sum_product_grads(grad.mT, p.mT, q.mT)
+        return grad_pt.mT.contiguous(), grad_qt.mT.contiguous()
+    grad_p, grad_q = kron_sum_product_grads(grad, p, q)
+    return grad_p.contiguous(), grad_q.contiguous()
+
+
+@torch.library.custom_op("lsrfx::kron_sum", mutates_args=())
+def kron_sum(p: Tensor, q: Tensor) -> Tensor:
+    """Sum of Kronecker products (:func:`kron_sum_values`). Opaque to Inductor (see the module docstring)."""
+    return kron_sum_values(p, q)
 
 
 @kron_sum.register_fake
@@ -118,12 +133,8 @@ def _(p: Tensor, q: Tensor) -> Tensor:
 
 @torch.library.custom_op("lsrfx::kron_sum_backward", mutates_args=())
 def kron_sum_backward(grad: Tensor, p: Tensor, q: Tensor) -> tuple[Tensor, Tensor]:
-    """``(grad_P, grad_Q)`` of :func:`kron_sum`, contiguous like ``P`` and ``Q``."""
-    if kron_sum_transposed(p, q):
-        grad_pt, grad_qt = kron_sum_product_grads(grad.mT, p.mT, q.mT)
-        return grad_pt.mT.contiguous(), grad_qt.mT.contiguous()
-    grad_p, grad_q = kron_sum_product_grads(grad, p, q)
-    return grad_p.contiguous(), grad_q.contiguous()
+    """``(grad_P, grad_Q)`` of :func:`kron_sum` (:func:`kron_sum_grad_values`)."""
+    return kron_sum_grad_values(grad, p, q)
 
 
 @kron_sum_backward.register_fake
@@ -143,6 +154,22 @@ def _backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:
 
 
 kron_sum.register_autograd(_backward, setup_context=_setup_context)
+
+
+class KronSum(torch.autograd.Function):
+    """The Kronecker sum in eager mode: the op's own bodies behind an ``autograd.Function``, which dispatches with
+    far less Python than a ``custom_op`` call (paid twice per layer and step). Under ``torch.compile`` and
+    ``torch.export`` callers use the op, which the compile pass and the ONNX translation read."""
+
+    @staticmethod
+    def forward(ctx, p: Tensor, q: Tensor) -> Tensor:
+        ctx.save_for_backward(p, q)
+        return kron_sum_values(p, q)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        grad_p, grad_q = kron_sum_grad_values(grad, *ctx.saved_tensors)
+        return (grad_p if ctx.needs_input_grad[0] else None), (grad_q if ctx.needs_input_grad[1] else None)
 
 
 def kron_sum_onnx(p, q):

@@ -19,9 +19,11 @@ backward (``lsrfx::rbf_bank_backward``) are opaque ``custom_op``s: Inductor call
 generating and compiling C++ for the synthesis, which was most of what GenLoRA added to a cold compile. Their
 bodies (:func:`rbf_bank_forward`, :func:`rbf_bank_backward_values`) are written for eager execution, with as few
 passes over the ``m x n`` values as the arithmetic allows (in-place updates of fresh temporaries; the latent and
-centre gradients as two small matrix products). GenLoRA calls the op in eager mode too, where its backward's
-recomputation keeps only the parameters alive for the backward; ``torch.export`` keeps the plain torch functions
-(:func:`rbf_bank_reference`, the same values), so exported graphs hold standard ops.
+centre gradients as two small matrix products). In eager mode GenLoRA runs the same two bodies through
+:class:`RbfBank`, a plain ``autograd.Function``: a ``custom_op`` call costs several times more Python dispatch than the
+arithmetic of a small bank, paid twice per layer and step; either way the backward recomputes ``Phi``, so only the
+parameters stay alive for it. ``torch.export`` keeps the plain torch functions (:func:`rbf_bank_reference`, the
+same values), so exported graphs hold standard ops.
 
 :func:`rbf_bank_reference` and :func:`rbf_bank_grads` are the plain statement of the math the op is tested against.
 """
@@ -180,3 +182,20 @@ def _backward(ctx, grad: Tensor) -> tuple:
 
 
 rbf_bank.register_autograd(_backward, setup_context=_setup_context)
+
+
+class RbfBank(torch.autograd.Function):
+    """The bank in eager mode: the op's own bodies (:func:`rbf_bank_forward`, :func:`rbf_bank_backward_values`)
+    behind an ``autograd.Function``, which dispatches with far less Python than a ``custom_op`` call. Under
+    ``torch.compile`` callers use the op, which the compile pass reads and batches."""
+
+    @staticmethod
+    def forward(ctx, z: Tensor, centres: Tensor, log_gamma: Tensor, weights: Tensor, basis: str) -> Tensor:
+        ctx.save_for_backward(z, centres, log_gamma, weights)
+        ctx.basis = basis
+        return rbf_bank_forward(z, centres, log_gamma, weights, basis)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple:
+        grads = rbf_bank_backward_values(grad, *ctx.saved_tensors, ctx.basis)
+        return (*(g if need else None for g, need in zip(grads, ctx.needs_input_grad[:4], strict=True)), None)
