@@ -12,7 +12,8 @@ Variants: ``floor`` (no adapter: the frozen base with the input gradient still c
 cost), ``peft`` (peft LoRA r = 8, alpha 8), and ``lora``, ``lsr``, ``condlora``, ``genlora`` (lsrfx's defaults but
 LoRA r = 8, alpha 8). ``--mode eager`` runs them eagerly (lsrfx's low-rank path); ``--formed`` adds each method
 through the formed weight ``linear(x, W0 + dW)`` (``lsrfx.adapted_layer.formed_weight_path``: what lsrfx ran
-before the low-rank path); ``--mode compiled`` runs every variant under ``torch.compile`` in this one process
+before the low-rank path); ``--before`` adds ``condlora-separate`` and ``genlora-op``, the earlier eager forms of
+those two methods (factor products of their own; banks through the custom op); ``--mode compiled`` runs every variant under ``torch.compile`` in this one process
 (Dynamo's recompile limit raised, or variants past the eighth would silently run eager).
 
 What is measured:
@@ -30,6 +31,7 @@ Load average is printed before and after; above 1.5 the timings mean nothing (ru
 
     python bench/eager.py --setup llama --rounds 5 --warmup 2                 # eager, Llama all-seven at 1024
     python bench/eager.py --setup llama --rounds 5 --formed                   # plus the old formed-weight path
+    python bench/eager.py --setup llama --rounds 9 --methods condlora genlora --before   # A/B of the eager forms
     python bench/eager.py --setup bert --rounds 5
     python bench/eager.py --setup llama --mode compiled --rounds 5
     python bench/eager.py --setup llama --mode compiled --methods condlora --product-bound 16777216   # the old bound
@@ -44,8 +46,8 @@ import os
 import resource
 import subprocess
 import sys
-from collections.abc import Callable
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 
 import torch
 from torch import nn
@@ -86,7 +88,7 @@ def make_variant(key: str, setup: str, args: argparse.Namespace) -> tuple[nn.Mod
     """``(model, batch, context)``: the variant's model ready to train and the context each step runs in."""
     model, batch, targets = build(setup, args)
     head = ["classifier"] if setup == "bert" else []
-    method = key.removesuffix("-formed")
+    method, _, form = key.partition("-")  # e.g. "condlora-separate": the method and an earlier eager form
     if key == "floor":
         for name, p in model.named_parameters():
             p.requires_grad_(any(name.startswith(h) for h in head))
@@ -102,8 +104,36 @@ def make_variant(key: str, setup: str, args: argparse.Namespace) -> tuple[nn.Mod
     model.train()
     if args.mode == "compiled":
         model = torch.compile(model)
-    context = formed_weight_path if key.endswith("-formed") else nullcontext
+    context = {"formed": formed_weight_path, "separate": separate_products, "op": banks_through_the_op}.get(
+        form, nullcontext)
     return model, batch, context
+
+
+@contextmanager
+def separate_products() -> Iterator[None]:
+    """CondLoRA's factors as products of their own, as before ``CondLoRALinear`` (``--before``)."""
+    from lsrfx.adapters import condlora
+
+    rule, condlora.shares_base_read = condlora.shares_base_read, lambda *shape: False
+    try:
+        yield
+    finally:
+        condlora.shares_base_read = rule
+
+
+@contextmanager
+def banks_through_the_op() -> Iterator[None]:
+    """GenLoRA's eager banks through the ``rbf_bank`` custom op, as before ``RbfBank`` (``--before``)."""
+    from lsrfx.adapters import genlora
+
+    class Op:
+        apply = staticmethod(torch.ops.lsrfx.rbf_bank)
+
+    function, genlora.RbfBank = genlora.RbfBank, Op
+    try:
+        yield
+    finally:
+        genlora.RbfBank = function
 
 
 def step_fn(model: nn.Module, batch: dict, context: Callable) -> Callable[[], None]:
@@ -160,6 +190,9 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--methods", nargs="+", default=list(METHODS))
     p.add_argument("--formed", action="store_true", help="add each method through the formed weight")
+    p.add_argument("--before", action="store_true",
+                   help="eager: add condlora-separate (factor products of their own) and genlora-op (RBF banks "
+                        "through the custom op), the eager forms before CondLoRALinear and RbfBank")
     p.add_argument("--peak", action="store_true", help="peak RSS per variant, one fresh process each")
     p.add_argument("--product-bound", type=int, default=None,
                    help="compiled mode: the cost model's SMALL_PRODUCT_FLOPS for this run (CondLoRA's small factor "
@@ -174,6 +207,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     keys = ["floor", "peft", *args.methods] + ([f"{m}-formed" for m in args.methods] if args.formed else [])
+    if args.before:
+        keys += [k for m, k in (("condlora", "condlora-separate"), ("genlora", "genlora-op")) if m in args.methods]
     if args.only:
         peak_one(args.only, args)
         return

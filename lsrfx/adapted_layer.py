@@ -170,6 +170,11 @@ def lowrank_forward(module: nn.Module, param: AdaptedWeight, x: Tensor) -> Tenso
     for the backward, and ``W0`` gets no gradient (it is frozen). The adapter term is computed in the factors'
     dtype (fp32 master factors under a half-precision base) and added to the base output in its dtype; under
     autocast the matmuls take autocast's dtype like any linear layer's."""
+    if torch.is_grad_enabled() and not param.quantized:
+        w0 = base_weight(module)
+        out = param.adapter.eager_linear(x, w0.t() if param.transposed else w0, module.bias)
+        if out is not None:
+            return out
     out = base_output(module, param, x)
     a, b = factors(module, param)
     delta = F.linear(F.linear(x.to(a.dtype), a), b)

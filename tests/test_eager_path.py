@@ -17,7 +17,7 @@ from torch import nn
 
 import lsrfx
 from lsrfx.adapted_layer import formed_weight_path
-from lsrfx.parametrization import adapted_layers
+from lsrfx.parametrization import adapted_layers, base_weight
 
 from conftest import TINY_OPTIONS, tiny_bert, tiny_gpt2, tiny_llama
 
@@ -239,3 +239,63 @@ def test_a_linear_subclass_with_its_own_forward_keeps_it() -> None:
     x = torch.randn(3, 8)
     merged = lsrfx.merge(copy.deepcopy(adapted))
     assert (adapted(x) - merged(x)).abs().max() < 1e-6
+
+
+class CountBaseReads(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the matrix products that read a given weight's storage (each is a full pass over it)."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.ptr, self.count = weight.untyped_storage().data_ptr(), 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        aten = torch.ops.aten
+        if func in (aten.mm.default, aten.addmm.default, aten.bmm.default) and any(
+                isinstance(a, torch.Tensor) and a.untyped_storage().data_ptr() == self.ptr for a in args):
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize(("d_out", "d_in", "reads"), [(256, 256, 2), (128, 256, 4), (256, 128, 4)])
+def test_condlora_shares_the_base_matmuls_pass_over_w0(d_out: int, d_in: int, reads: int) -> None:
+    """With few tokens, a CondLoRA layer's factor products ride on the base matmul's pass over ``W0`` (forward
+    ``[x; C_A; C_B] @ W0.T``, backward ``[dY; dA; dB.T] @ W0``): a square layer reads ``W0`` once each way, as a
+    plain frozen linear layer does, a non-square one twice (its ``A = C_A' W0`` contracts the other axis). The
+    values and gradients are the formed-weight path's."""
+    torch.manual_seed(0)
+    model = lsrfx.adapt(nn.Sequential(nn.Linear(d_in, d_out)), method="condlora", targets=["0"], r=4)
+    perturb(model)
+    x = torch.randn(2, 9, d_in, requires_grad=True)
+    params = [x, *(p for p in model.parameters() if p.requires_grad)]
+    w0 = base_weight(model[0])
+    with CountBaseReads(w0) as counter:
+        out = model(x)
+        grads = torch.autograd.grad(out, params, torch.ones_like(out))
+    assert counter.count == reads
+    with formed_weight_path():
+        want = model(x)
+        want_grads = torch.autograd.grad(want, params, torch.ones_like(want))
+    torch.testing.assert_close(out, want)
+    for g, w in zip(grads, want_grads, strict=True):
+        torch.testing.assert_close(g, w)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "bert"])
+def test_condlora_stacked_products_equal_the_formed_weight_path(arch: str, monkeypatch) -> None:
+    """The stacked form on every layer of the tiny models (whose few tokens would not pick it by themselves):
+    Llama without bias, GPT-2's ``Conv1D`` (``W0`` stored transposed), BERT with bias; an in-place edit of a
+    layer's output downstream is allowed (the output is no view of a tensor the layer made)."""
+    from lsrfx.adapters import condlora
+
+    calls = []
+    monkeypatch.setattr(condlora, "shares_base_read", lambda *shape: calls.append(shape) or True)
+    model = lsrfx.adapt(build(arch), method="condlora", targets=ALL_LINEAR,
+                        trainable=["classifier"] if arch == "bert" else (), **TINY_OPTIONS["condlora"])
+    perturb(model)
+    model.train()
+    assert_same_as_formed(model, inputs(arch))
+    layers = [m for _, m, _ in adapted_layers(model)]
+    assert len(calls) >= len(layers)
+    layer = layers[0]
+    out = layer(torch.randn(3, layer.in_features if hasattr(layer, "in_features") else layer.weight.shape[0]))
+    out.mul_(2).sum().backward()

@@ -72,6 +72,12 @@ class Adapter(nn.Module, abc.ABC):
     def factors(self, w0: Tensor) -> tuple[Tensor, Tensor]:
         """``A`` (``rank x d_in``) and ``B`` (``d_out x rank``) for the frozen weight ``w0`` (``d_out x d_in``)."""
 
+    def eager_linear(self, x: Tensor, w0: Tensor, bias: Tensor | None) -> Tensor | None:
+        """The whole layer ``x @ W0.T + bias + scale * (x @ A.T) @ B.T`` in eager training, for a method that has a
+        cheaper form than the base matmul beside its factors (CondLoRA: its factors are products of ``W0`` that
+        can share the base matmul's pass over it); ``None`` (the default): the generic low-rank path."""
+        return None
+
     def delta_weight(self, w0: Tensor) -> Tensor:
         """The dense update ``scale * B @ A`` (``d_out x d_in``); for merging and tests, never the hot path."""
         a, b = self.factors(w0)
