@@ -112,13 +112,13 @@ def make_variant(key: str, setup: str, args: argparse.Namespace) -> tuple[nn.Mod
 @contextmanager
 def separate_products() -> Iterator[None]:
     """CondLoRA's factors as products of their own, as before ``CondLoRALinear`` (``--before``)."""
-    from lsrfx.adapters import condlora
+    from lsrfx.kernels import condlora_linear
 
-    rule, condlora.shares_base_read = condlora.shares_base_read, lambda *shape: False
+    rule, condlora_linear.stacking_pays = condlora_linear.stacking_pays, lambda *shape: False
     try:
         yield
     finally:
-        condlora.shares_base_read = rule
+        condlora_linear.stacking_pays = rule
 
 
 @contextmanager

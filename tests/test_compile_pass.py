@@ -368,12 +368,13 @@ def test_cost_rule_decisions_on_the_benchmark_layers(monkeypatch):
     assert _decision(16, 384, 384, 8, same_dtype=False) == "fused"  # never rounds dW to the base's dtype
 
 
-@pytest.mark.parametrize("d", [8, 2048])
-def test_small_factor_products_become_reductions(d):
+@pytest.mark.parametrize(("d", "tokens", "form"), [(8, 3, "reductions"), (2048, 3, "stacked"), (2048, 1024, "matmuls")])
+def test_small_factor_products_become_reductions(d, tokens, form):
     """CondLoRA-style factors (``C_A @ W0.T``, ``W0 @ C_B.T``) are rewritten as broadcast-product reductions when
-    small (Inductor fuses those into existing kernels) and left as matmuls when large; the result is the same."""
+    small (Inductor fuses those into existing kernels); when large, they ride on the base matmul
+    (``lsrfx::condlora_linear``) with few tokens and stay matmuls of their own with many; the result is the same."""
     r = 4  # 2 r d^2 flops per product: ~500 at d = 8, ~3e7 at d = 2048 (above cost_model.SMALL_PRODUCT_FLOPS)
-    x, w0, bias = torch.randn(3, d), torch.randn(d, d) / d**0.5, torch.randn(d)
+    x, w0, bias = torch.randn(tokens, d), torch.randn(d, d) / d**0.5, torch.randn(d)
     ca, cb = torch.randn(r, d) / d**0.5, torch.randn(r, d) / d**0.5
 
     def f(x, w0, bias, ca, cb):
@@ -387,11 +388,11 @@ def test_small_factor_products_become_reductions(d):
         FakeTensorProp(gm, mode).propagate(x, w0, bias, ca, cb)
     decisions = fuse_adapted_linears(gm.graph, record=False)
     gm.recompile()
-    small = d == 8
     assert [d_.action for d_ in decisions] == ["fused"]
-    assert ("generated as reductions" in decisions[0].reason) == small
+    assert ("generated as reductions" in decisions[0].reason) == (form == "reductions")
+    assert (decisions[0].fused_op == "lsrfx::condlora_linear") == (form == "stacked")
     matmuls = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is operator.matmul]
-    assert len(matmuls) == (0 if small else 2)
+    assert len(matmuls) == (2 if form == "matmuls" else 0)
     torch.testing.assert_close(gm(x, w0, bias, ca, cb), want, atol=1e-3, rtol=1e-4)
 
 
@@ -405,3 +406,43 @@ def test_factor_ops_of_equal_shapes_are_batched(method, op, calls):
     after = text.split("--- after the lsrfx pass ---")[1]
     assert "stack_factors" in after and "unstack_factors" in after
     assert after.count(f"target=torch.ops.lsrfx.{op}.default") == calls  # of 4 calls before the pass
+
+
+@pytest.mark.parametrize(("layer", "d_out", "d_in"), [("linear", 512, 512), ("linear", 384, 768), ("conv1d", 768, 384)])
+def test_condlora_layers_with_few_tokens_compile_to_the_stacked_op(uncached_compile, layer, d_out, d_in):
+    """Compiled, a CondLoRA layer whose factor products pay to ride on the base matmul (few tokens) becomes
+    ``lsrfx::condlora_linear`` (forward and backward ops called by the generated code, no separate products); its
+    output and gradients (a trainable bias's included) equal the eager formed-weight path's. Square, non-square,
+    and GPT-2's ``Conv1D`` (``W0`` stored ``(in, out)``); sizes whose factor products are BLAS-sized (above
+    ``cost_model.SMALL_PRODUCT_FLOPS`` at r = 8)."""
+    from torch._inductor.utils import run_and_get_code
+    from transformers.pytorch_utils import Conv1D
+
+    from lsrfx.adapted_layer import formed_weight_path
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(d_in, d_out) if layer == "linear" else Conv1D(d_out, d_in))
+    lsrfx.adapt(model, method="condlora", targets=["0"], r=8)
+    model[0].bias.requires_grad_(True)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.05)
+    x = torch.randn(2, 9, d_in, requires_grad=True)
+    params = [x, *(p for p in model.parameters() if p.requires_grad)]
+    with formed_weight_path():
+        want = model(x)
+        want_grads = torch.autograd.grad(want.square().sum(), params)
+    compiled = torch.compile(model)
+
+    def run():
+        out = compiled(x)
+        return out, torch.autograd.grad(out.square().sum(), params)
+
+    (out, grads), code = run_and_get_code(run)
+    text = "\n".join(code)
+    assert "torch.ops.lsrfx.condlora_linear.default" in text and "condlora_linear_backward.default" in text
+    assert "lowrank_linear" not in text
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+    for g, w in zip(grads, want_grads, strict=True):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)

@@ -285,10 +285,10 @@ def test_condlora_stacked_products_equal_the_formed_weight_path(arch: str, monke
     """The stacked form on every layer of the tiny models (whose few tokens would not pick it by themselves):
     Llama without bias, GPT-2's ``Conv1D`` (``W0`` stored transposed), BERT with bias; an in-place edit of a
     layer's output downstream is allowed (the output is no view of a tensor the layer made)."""
-    from lsrfx.adapters import condlora
+    from lsrfx.kernels import condlora_linear
 
     calls = []
-    monkeypatch.setattr(condlora, "shares_base_read", lambda *shape: calls.append(shape) or True)
+    monkeypatch.setattr(condlora_linear, "stacking_pays", lambda *shape: calls.append(shape) or True)
     model = lsrfx.adapt(build(arch), method="condlora", targets=ALL_LINEAR,
                         trainable=["classifier"] if arch == "bert" else (), **TINY_OPTIONS["condlora"])
     perturb(model)

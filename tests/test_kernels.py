@@ -553,3 +553,31 @@ def test_compiled_fused_layer_launches():
     assert names["aten::mm"] + names["aten::addmm"] == 8, names
     assert sum(c for name, c in names.items() if "cpp_fused" in name) == 1, names
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize(("d_out", "d_in", "transposed"), [(12, 12, False), (8, 12, False), (12, 8, True)])
+def test_condlora_linear_op_matches_dense_math(d_out, d_in, transposed):
+    """``lsrfx::condlora_linear`` against CondLoRA's layer written densely (``A = C_A W0^T`` or ``C_A' W0``,
+    ``B = W0 C_B^T``) in float64, gradients by autograd through the dense form, and ``opcheck`` (fake functions,
+    autograd registration)."""
+    from lsrfx.kernels.condlora_linear import CondLoRALinear
+
+    r, square = 3, d_in == d_out
+    w = torch.randn(d_out, d_in, dtype=torch.float64)
+    stored = w.t().contiguous() if transposed else w
+    x = torch.randn(2, 5, d_in, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(d_out, dtype=torch.float64, requires_grad=True)
+    c_a = torch.randn(r, d_in if square else d_out, dtype=torch.float64, requires_grad=True)
+    c_b = torch.randn(r, d_in, dtype=torch.float64, requires_grad=True)
+    a = c_a @ (w.t() if square else w)
+    b = w @ c_b.t()
+    want = x @ w.t() + bias + 0.5 * (x @ a.t()) @ b.t()
+    grad = torch.randn_like(want)
+    leaves = (x, bias, c_a, c_b)
+    want_grads = torch.autograd.grad(want, leaves, grad)
+    args = (x, stored, bias, c_a, c_b, 0.5, square, transposed)
+    for out in (torch.ops.lsrfx.condlora_linear(*args)[0], CondLoRALinear.apply(*args)):
+        torch.testing.assert_close(out, want)
+        for g, expected in zip(torch.autograd.grad(out, leaves, grad), want_grads, strict=True):
+            torch.testing.assert_close(g, expected)
+    torch.library.opcheck(torch.ops.lsrfx.condlora_linear, args)

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from lsrfx.adapters.base import Adapter, LayerSpec, RankConfig
 from lsrfx.errors import LsrfxError
+from lsrfx.kernels import condlora_linear as stacked_form
 from lsrfx.quantized_base import dense
 
 
@@ -67,59 +68,6 @@ class FrozenProduct(torch.autograd.Function):
         (w0,) = ctx.saved_tensors
         w = dense(w0).to(grad.dtype)
         return grad @ (w if ctx.transpose else w.t()), None, None
-
-
-class CondLoRALinear(torch.autograd.Function):
-    """A whole CondLoRA layer in eager training, ``x @ W0.T + bias + s * (x @ A.T) @ B.T``, with each factor
-    product that contracts ``W0`` along the same axis as the base matmul stacked onto it, so one pass over ``W0``
-    serves both. Forward: ``[x; C_A; C_B] @ W0.T`` gives the base output, ``A`` (square layers) and ``B.T``;
-    backward: ``[dY; dA; dB.T] @ W0`` gives the input gradient and the pair's gradients. A non-square layer's
-    ``A = C_A' @ W0`` contracts the other axis and stays a product of its own, each way. Saved for the backward:
-    ``x``, the factors and ``x @ A.T`` (as the generic path and peft keep), and ``W0`` itself."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, w0: Tensor, bias: Tensor | None, c_a: Tensor, c_b: Tensor, scale: float,
-                square: bool) -> Tensor:
-        x2 = x.reshape(-1, x.shape[-1])
-        t, r = x2.shape[0], c_b.shape[0]
-        y = torch.cat([x2, c_a, c_b] if square else [x2, c_b]) @ w0.t()  # (t + 2r or t + r, d_out)
-        bt = y[-r:].clone()  # B.T (r x d_out)
-        a = y[t:t + r].clone() if square else c_a @ w0  # (r x d_in)
-        d_out = y.shape[1]
-        out = y.resize_(t, d_out)  # the base output: the first t rows, in y's storage
-        u = x2 @ a.t()  # (t, r)
-        out.addmm_(u, bt, alpha=scale)
-        if bias is not None:
-            out.add_(bias)
-        ctx.save_for_backward(x2, w0, a, bt, u)
-        ctx.scale, ctx.square, ctx.x_shape = scale, square, x.shape
-        # Shaped like x by resize_, not reshape: an output that is a view of a tensor made here could not be
-        # edited in place downstream (autograd forbids it for custom Functions).
-        return out.resize_(*x.shape[:-1], d_out)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple:
-        x2, w0, a, bt, u = ctx.saved_tensors
-        g = grad.reshape(-1, grad.shape[-1])
-        t = g.shape[0]
-        grad_bt = (u.t() @ g).mul_(ctx.scale)  # (r, d_out)
-        grad_u = (g @ bt.t()).mul_(ctx.scale)  # (t, r)
-        grad_a = grad_u.t() @ x2  # (r, d_in)
-        stacked = torch.cat([g, grad_a, grad_bt] if ctx.square else [g, grad_bt]) @ w0  # (t + ..., d_in)
-        grad_c_b = stacked[-a.shape[0]:].clone()
-        grad_c_a = stacked[t:t + a.shape[0]].clone() if ctx.square else grad_a @ w0.t()
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            grad_x = stacked.resize_(t, stacked.shape[1]).addmm_(grad_u, a).resize_(ctx.x_shape)
-        grad_bias = g.sum(0) if ctx.needs_input_grad[2] else None
-        return grad_x, None, grad_bias, grad_c_a, grad_c_b, None, None
-
-
-def shares_base_read(tokens: int, d_in: int, d_out: int) -> bool:
-    """Whether stacking the factor products onto the base matmul (:class:`CondLoRALinear`) moves less memory than
-    a product of its own: the stack copies the activations (``tokens x (d_in + d_out)`` values, forward and
-    backward), a product of its own reads ``W0`` (``d_out x d_in``) once more."""
-    return tokens * (d_in + d_out) < d_in * d_out
 
 
 def group_name(layer_name: str) -> str:
@@ -198,15 +146,16 @@ class CondLoRAAdapter(Adapter):
         return FrozenProduct.apply(pair.C_A, w0, False), FrozenProduct.apply(pair.C_B, w0, True).t()
 
     def eager_linear(self, x: Tensor, w0: Tensor, bias: Tensor | None) -> Tensor | None:
-        """:class:`CondLoRALinear` when it pays (:func:`shares_base_read`) and every tensor is a plain one of one
-        dtype outside autocast; else ``None``: the generic path (quantized, mixed-precision or sharded layers)."""
+        """The stacked form (:class:`~lsrfx.kernels.condlora_linear.CondLoRALinear`) when it pays (``stacking_pays``)
+        and every tensor is a plain one of one dtype outside autocast; else ``None``: the generic path (quantized,
+        mixed-precision or sharded layers)."""
         pair = self.pair
         tensors = (x, w0, pair.C_A, pair.C_B) + (() if bias is None else (bias,))
-        if not shares_base_read(x.numel() // max(x.shape[-1], 1), self.d_in, self.d_out) \
+        if not stacked_form.stacking_pays(x.numel() // max(x.shape[-1], 1), self.d_in, self.d_out) \
                 or any(type(v) not in (Tensor, nn.Parameter) or v.dtype != x.dtype for v in tensors) \
                 or torch.is_autocast_enabled(x.device.type):
             return None
-        return CondLoRALinear.apply(x, w0, bias, pair.C_A, pair.C_B, self.scale, pair.square)
+        return stacked_form.CondLoRALinear.apply(x, w0, bias, pair.C_A, pair.C_B, self.scale, pair.square, False)
 
     def extra_repr(self) -> str:
         shared = "" if self.owns_pair else f", pair=shared with '{self.pair.owner}'"

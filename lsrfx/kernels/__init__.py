@@ -2,6 +2,7 @@
 kernels behind them; :mod:`lsrfx.kernels.factor_table` is the table tying them to the compile pass and the
 ONNX export."""
 
+from lsrfx.kernels import condlora_linear  # noqa: F401 - registers lsrfx::condlora_linear
 from lsrfx.kernels.compose import compose, compose_reference
 from lsrfx.kernels.kron_sum import kron_sum, kron_sum_reference
 from lsrfx.kernels.triton_matmul import HAS_TRITON

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
+from lsrfx.kernels import condlora_linear
 from lsrfx.kernels.factor_table import DENSE, KRON_SUM, MERGED_LINEAR, is_call, is_factor_op
 from lsrfx.kernels.layout import formed_transposed
 from lsrfx.passes import cost_model
@@ -158,6 +159,71 @@ def _products_as_reductions(graph: fx.Graph, m: Match) -> int:
     return done
 
 
+def _source(node: object) -> object:
+    """``node`` through the no-op conversions CondLoRA's factors apply to ``W0`` (``detach``, ``to`` its dtype)."""
+    while isinstance(node, fx.Node) and node.op == "call_method" and node.target in ("detach", "to", "contiguous"):
+        node = node.args[0]
+    return node
+
+
+def _stacked_condlora(graph: fx.Graph, m: Match) -> Callable[[fx.Graph, Match], tuple[fx.Node, fx.Node]] | None:
+    """The call of ``lsrfx::condlora_linear`` (:mod:`lsrfx.kernels.condlora_linear`) for a layer whose factors are
+    CondLoRA's products of its own ``W0`` (``A = C_A @ W0.T`` or ``C_A @ W0``, ``B = W0 @ C_B.T``), when they are
+    BLAS-sized (not ``cost_model.product_as_reduction``) and stacking them onto the base matmul pays for the tokens
+    (``stacking_pays``); None otherwise. Off CUDA only (there the fused Triton kernel is the layer's op), one dtype
+    throughout, outside autocast (the op has no autocast rule: its stacked matmul needs ``x``, ``W0`` and the pair
+    in one dtype)."""
+    x, w0, out = _val(m.x), _val(m.w0), _val(m.consumer)
+    a, b = m.a, m.b
+    if m.swap or m.structure.feed is not None or x is None or w0 is None or out is None or x.device.type == "cuda":
+        return None
+    if any(call_kind(n) != "mm" or n.kwargs or len(n.args) != 2 for n in (a, b)):
+        return None
+    (c_a, w_a), (w, c_b_t) = a.args, b.args
+    if call_kind(c_b_t) != "t" or len(c_b_t.args) != 1:
+        return None
+    c_b = c_b_t.args[0]
+    square = call_kind(w_a) == "t" and w_a.args[0] is w
+    if not (square or w_a is w):
+        return None
+    logical = _source(w)  # W0 as d_out x d_in: the stored weight, or its transpose for a (K, N)-stored one
+    if m.op_transposed:
+        if call_kind(logical) != "t" or _source(logical.args[0]) is not m.w0:
+            return None
+    elif logical is not m.w0:
+        return None
+    pair = [_val(c_a), _val(c_b)]
+    if any(v is None or v.dtype != x.dtype for v in (*pair, w0, out)) or torch.is_autocast_enabled(x.device.type) \
+            or any(getattr(n.target, "__name__", "") == "_enter_autocast" for n in graph.nodes):
+        return None
+    d_in = _hint(x.shape[-1])
+    d_out = _hint(out.shape[-1])
+    tokens = _hint(x.numel()) // max(d_in, 1)
+    small = cost_model.product_as_reduction(2 * _hint(pair[1].shape[0]) * d_in * d_out)  # reductions instead
+    if small or not condlora_linear.stacking_pays(tokens, d_in, d_out):
+        return None
+
+    def call(graph: fx.Graph, m: Match) -> tuple[fx.Node, fx.Node]:
+        op = graph.call_function(torch.ops.lsrfx.condlora_linear.default,
+                                 (m.x, m.w0, m.bias, c_a, c_b, m.scale, square, m.op_transposed))
+        return op, graph.call_function(operator.getitem, (op, 0))
+
+    return call
+
+
+def _erase_unused_products(graph: fx.Graph, nodes: tuple) -> None:
+    """Erase CondLoRA's factor products and the views and conversions of ``W0`` feeding them once unused."""
+    todo = list(nodes)
+    while todo:
+        node = todo.pop()
+        pure = call_kind(node) in ("mm", "t", "transpose") or (
+            isinstance(node, fx.Node) and node.op == "call_method" and node.target in ("detach", "to", "contiguous"))
+        if not pure or node.users:
+            continue
+        todo.extend(n for n in node.all_input_nodes)
+        graph.erase_node(node)
+
+
 def _kronecker_as_dense_off_cuda(m: Match) -> Match:
     """Off CUDA, LSR-Adapt's layer fuses as the dense structure: ``lowrank_linear`` fed by the ``kron_sum`` nodes'
     dense ``A`` and ``B``, which stay in the graph. ``lsr_linear`` would form them inside its body there too (only
@@ -229,7 +295,13 @@ def fuse_adapted_linears(graph: fx.Graph, record: bool = True) -> list[Decision]
         if kronecker and found.structure.feed is None:
             reason += "; A and B formed by kron_sum ops (off CUDA)"
         d = Decision(node.name, layer, found.kind, found.structure.fused_op_name, action, reason)
-        if action in ("fused", "merged"):
+        stacked = _stacked_condlora(graph, found) if action == "fused" else None
+        if stacked is not None:
+            d.fused_op = "lsrfx::condlora_linear"
+            d.reason += "; CondLoRA's factor products stacked onto the base matmul"
+            d.fused_node = _rewrite(graph, found, stacked).name
+            _erase_unused_products(graph, (found.a, found.b))
+        elif action in ("fused", "merged"):
             if _products_as_reductions(graph, found):
                 d.reason += "; factor matmuls generated as reductions"
             d.fused_node = _rewrite(graph, found, _fused_call if action == "fused" else _merged_call).name

@@ -1,0 +1,141 @@
+"""``lsrfx::condlora_linear``: a whole CondLoRA layer, ``x @ W0.T + bias + s * (x @ A.T) @ B.T`` with ``A = C_A @
+W0.T`` (square ``W0``) or ``C_A @ W0`` and ``B = W0 @ C_B.T``, reading ``W0`` once per direction where it can.
+
+CondLoRA's factors are products of the frozen ``W0`` with the shared pair: skinny matmuls, each a full pass over
+``W0`` forward and again backward, beside the base matmul's own pass. Every product that contracts ``W0`` along the
+base matmul's axis is stacked onto it instead: forward ``[x; C_A; C_B] @ W0.T`` gives the base output, ``A`` (square
+layers) and ``B.T``; backward ``[dY; dA; dB.T] @ W0`` gives the input gradient and the pair's gradients. A square
+layer then reads ``W0`` once each way, as a frozen linear layer does; a non-square one twice, because its
+``A = C_A @ W0`` contracts the other axis and stays a product of its own. The stack copies the activations, so it
+pays only with few tokens per step (:func:`stacking_pays`).
+
+Two entry points share the bodies (:func:`condlora_forward`, :func:`condlora_backward`): :class:`CondLoRALinear`, a
+plain ``autograd.Function`` for eager training (``CondLoRAAdapter.eager_linear``), and the op with its backward op
+``lsrfx::condlora_linear_backward``, opaque to Inductor, which the compile pass puts in place of
+``lowrank_linear`` for CondLoRA's layers off CUDA (:func:`lsrfx.passes.fuse._stacked_condlora`). Every tensor has one
+dtype (the callers check). ``transposed``: ``w0`` is stored ``(d_in, d_out)`` (GPT-2's ``Conv1D``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def stacking_pays(tokens: int, d_in: int, d_out: int) -> bool:
+    """Whether stacking the factor products onto the base matmul moves less memory than a product of their own:
+    the stack copies the activations (``tokens x (d_in + d_out)`` values over forward and backward), a product of
+    its own reads ``W0`` (``d_out x d_in``) once more."""
+    return tokens * (d_in + d_out) < d_in * d_out
+
+
+def condlora_forward(x: Tensor, w0: Tensor, bias: Tensor | None, c_a: Tensor, c_b: Tensor, scale: float,
+                     square: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(out, A, B.T, u = x @ A.T)`` for the logical ``w0`` (``d_out x d_in``); ``out`` has ``x``'s leading
+    dimensions. ``out`` is shaped by ``resize_`` of the stacked result, not a view of it: a custom Function's output
+    that is a view of a tensor made inside may not be edited in place downstream."""
+    x2 = x.reshape(-1, x.shape[-1])
+    t, r = x2.shape[0], c_b.shape[0]
+    y = torch.cat([x2, c_a, c_b] if square else [x2, c_b]) @ w0.t()  # (t + 2r or t + r, d_out)
+    bt = y[-r:].clone()  # B.T (r x d_out)
+    a = y[t:t + r].clone() if square else c_a @ w0  # (r x d_in)
+    d_out = y.shape[1]
+    out = y.resize_(t, d_out)  # the base output: the first t rows, in y's storage
+    u = x2 @ a.t()  # (t, r)
+    out.addmm_(u, bt, alpha=scale)
+    if bias is not None:
+        out.add_(bias)
+    return out.resize_(*x.shape[:-1], d_out), a, bt, u
+
+
+def condlora_backward(grad: Tensor, x: Tensor, w0: Tensor, a: Tensor, bt: Tensor, u: Tensor, scale: float,
+                      square: bool, need_bias: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(grad_x, grad_bias, grad_C_A, grad_C_B)`` of :func:`condlora_forward`; ``grad_bias`` is empty unless
+    ``need_bias``."""
+    x2 = x.reshape(-1, x.shape[-1])
+    g = grad.reshape(-1, grad.shape[-1])
+    t, r = g.shape[0], a.shape[0]
+    grad_bt = (u.t() @ g).mul_(scale)  # (r, d_out)
+    grad_u = (g @ bt.t()).mul_(scale)  # (t, r)
+    grad_a = grad_u.t() @ x2  # (r, d_in)
+    stacked = torch.cat([g, grad_a, grad_bt] if square else [g, grad_bt]) @ w0  # (t + 2r or t + r, d_in)
+    grad_c_b = stacked[-r:].clone()
+    grad_c_a = stacked[t:t + r].clone() if square else grad_a @ w0.t()
+    grad_x = stacked.resize_(t, stacked.shape[1]).addmm_(grad_u, a).resize_(x.shape)
+    return grad_x, g.sum(0) if need_bias else g.new_empty(0), grad_c_a, grad_c_b
+
+
+def _logical(w0: Tensor, transposed: bool) -> Tensor:
+    return w0.t() if transposed else w0
+
+
+class CondLoRALinear(torch.autograd.Function):
+    """The layer in eager training (see the module docstring). Saved for the backward: ``x``, ``A``, ``B.T`` and
+    ``x @ A.T`` (what the generic low-rank path and peft keep), and ``W0`` itself."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w0: Tensor, bias: Tensor | None, c_a: Tensor, c_b: Tensor, scale: float,
+                square: bool, transposed: bool) -> Tensor:
+        out, a, bt, u = condlora_forward(x, _logical(w0, transposed), bias, c_a, c_b, scale, square)
+        ctx.save_for_backward(x, w0, a, bt, u)
+        ctx.scale, ctx.square, ctx.transposed = scale, square, transposed
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple:
+        x, w0, a, bt, u = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        grad_x, grad_bias, grad_c_a, grad_c_b = condlora_backward(
+            grad, x, _logical(w0, ctx.transposed), a, bt, u, ctx.scale, ctx.square, need[2])
+        return (grad_x if need[0] else None, None, grad_bias if need[2] else None, grad_c_a if need[3] else None,
+                grad_c_b if need[4] else None, None, None, None)
+
+
+@torch.library.custom_op("lsrfx::condlora_linear", mutates_args=())
+def condlora_linear(x: Tensor, w0: Tensor, bias: Tensor | None, c_a: Tensor, c_b: Tensor, scale: float,
+                    square: bool, transposed: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(out, A, B.T, x @ A.T)``; the compile pass uses output 0, the others are saved for the backward."""
+    return condlora_forward(x, _logical(w0, transposed), bias, c_a, c_b, scale, square)
+
+
+@condlora_linear.register_fake
+def _(x: Tensor, w0: Tensor, bias: Tensor | None, c_a: Tensor, c_b: Tensor, scale: float, square: bool,
+      transposed: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    d_out, d_in = _logical(w0, transposed).shape
+    r = c_b.shape[0]
+    return (x.new_empty([*x.shape[:-1], d_out]), x.new_empty([r, d_in]), x.new_empty([r, d_out]),
+            x.new_empty([x.numel() // d_in, r]))
+
+
+@torch.library.custom_op("lsrfx::condlora_linear_backward", mutates_args=())
+def condlora_linear_backward(grad: Tensor, x: Tensor, w0: Tensor, a: Tensor, bt: Tensor, u: Tensor, scale: float,
+                             square: bool, transposed: bool, need_bias: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(grad_x, grad_bias, grad_C_A, grad_C_B)`` of the op (``grad_bias`` empty unless ``need_bias``)."""
+    return condlora_backward(grad, x, _logical(w0, transposed), a, bt, u, scale, square, need_bias)
+
+
+@condlora_linear_backward.register_fake
+def _(grad: Tensor, x: Tensor, w0: Tensor, a: Tensor, bt: Tensor, u: Tensor, scale: float, square: bool,
+      transposed: bool, need_bias: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    d_out, d_in = _logical(w0, transposed).shape
+    r = a.shape[0]  # C_A is r x d_in when square, r x d_out otherwise: r x d_out either way
+    return (torch.empty_like(x, memory_format=torch.contiguous_format), grad.new_empty([d_out if need_bias else 0]),
+            grad.new_empty([r, d_out]), grad.new_empty([r, d_in]))
+
+
+def _setup_context(ctx, inputs: tuple, output: tuple) -> None:
+    x, w0, _bias, _c_a, _c_b, scale, square, transposed = inputs
+    _out, a, bt, u = output
+    ctx.save_for_backward(x, w0, a, bt, u)
+    ctx.scale, ctx.square, ctx.transposed = scale, square, transposed
+
+
+def _backward(ctx, grad: Tensor, *_unused: Tensor) -> tuple:
+    need = ctx.needs_input_grad
+    grad_x, grad_bias, grad_c_a, grad_c_b = torch.ops.lsrfx.condlora_linear_backward(
+        grad, *ctx.saved_tensors, ctx.scale, ctx.square, ctx.transposed, need[2])
+    return (grad_x if need[0] else None, None, grad_bias if need[2] else None, grad_c_a if need[3] else None,
+            grad_c_b if need[4] else None, None, None, None)
+
+
+condlora_linear.register_autograd(_backward, setup_context=_setup_context)
