@@ -12,8 +12,8 @@ Variants: ``floor`` (no adapter: the frozen base with the input gradient still c
 cost), ``peft`` (peft LoRA r = 8, alpha 8), and ``lora``, ``lsr``, ``condlora``, ``genlora`` (lsrfx's defaults but
 LoRA r = 8, alpha 8). ``--mode eager`` runs them eagerly (lsrfx's low-rank path); ``--formed`` adds each method
 through the formed weight ``linear(x, W0 + dW)`` (``lsrfx.adapted_layer.formed_weight_path``: what lsrfx ran
-before the low-rank path); ``--before`` adds ``condlora-separate`` and ``genlora-op``, the earlier eager forms of
-those two methods (factor products of their own; banks through the custom op); ``--mode compiled`` runs every variant under ``torch.compile`` in this one process
+before the low-rank path); ``--before`` adds ``condlora-separate`` (CondLoRA's factor products of their own, as
+before its stacked form, eager or compiled) and, eagerly, ``genlora-op`` (the RBF banks through the custom op); ``--mode compiled`` runs every variant under ``torch.compile`` in this one process
 (Dynamo's recompile limit raised, or variants past the eighth would silently run eager).
 
 What is measured:
@@ -32,6 +32,7 @@ Load average is printed before and after; above 1.5 the timings mean nothing (ru
     python bench/eager.py --setup llama --rounds 5 --warmup 2                 # eager, Llama all-seven at 1024
     python bench/eager.py --setup llama --rounds 5 --formed                   # plus the old formed-weight path
     python bench/eager.py --setup llama --rounds 9 --methods condlora genlora --before   # A/B of the eager forms
+    python bench/eager.py --setup llama --mode compiled --methods lora condlora --before  # and of the compiled ones
     python bench/eager.py --setup bert --rounds 5
     python bench/eager.py --setup llama --mode compiled --rounds 5
     python bench/eager.py --setup llama --mode compiled --methods condlora --product-bound 16777216   # the old bound
@@ -111,7 +112,8 @@ def make_variant(key: str, setup: str, args: argparse.Namespace) -> tuple[nn.Mod
 
 @contextmanager
 def separate_products() -> Iterator[None]:
-    """CondLoRA's factors as products of their own, as before ``CondLoRALinear`` (``--before``)."""
+    """CondLoRA's factors as products of their own, as before its stacked form (``--before``; compiled, the pass
+    decides at the first step, which runs inside this too)."""
     from lsrfx.kernels import condlora_linear
 
     rule, condlora_linear.stacking_pays = condlora_linear.stacking_pays, lambda *shape: False
@@ -191,8 +193,9 @@ def main() -> None:
     p.add_argument("--methods", nargs="+", default=list(METHODS))
     p.add_argument("--formed", action="store_true", help="add each method through the formed weight")
     p.add_argument("--before", action="store_true",
-                   help="eager: add condlora-separate (factor products of their own) and genlora-op (RBF banks "
-                        "through the custom op), the eager forms before CondLoRALinear and RbfBank")
+                   help="add condlora-separate (factor products of their own, eager or compiled) and, eagerly, "
+                        "genlora-op (RBF banks through the custom op): the forms before CondLoRALinear / "
+                        "condlora_linear and RbfBank")
     p.add_argument("--peak", action="store_true", help="peak RSS per variant, one fresh process each")
     p.add_argument("--product-bound", type=int, default=None,
                    help="compiled mode: the cost model's SMALL_PRODUCT_FLOPS for this run (CondLoRA's small factor "
@@ -207,8 +210,9 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     keys = ["floor", "peft", *args.methods] + ([f"{m}-formed" for m in args.methods] if args.formed else [])
-    if args.before:
-        keys += [k for m, k in (("condlora", "condlora-separate"), ("genlora", "genlora-op")) if m in args.methods]
+    if args.before:  # compiled, GenLoRA's banks are the op either way
+        before = [("condlora", "condlora-separate")] + ([("genlora", "genlora-op")] if args.mode == "eager" else [])
+        keys += [k for m, k in before if m in args.methods]
     if args.only:
         peak_one(args.only, args)
         return
@@ -228,6 +232,9 @@ def main() -> None:
     if args.mode == "compiled":
         torch._dynamo.config.recompile_limit = 64
         torch._dynamo.config.cache_size_limit = 64
+        if args.before:  # the pass's choice for condlora-separate is made at compile time: no cached graph may stand in
+            torch._inductor.config.fx_graph_cache = False
+            torch._functorch.config.enable_autograd_cache = False
     variants = {k: make_variant(k, args.setup, args) for k in keys}
     kept = {k: kept_bytes(*v) / 2**20 for k, v in variants.items()} if args.mode == "eager" else {}
     steps = {k: step_fn(*v) for k, v in variants.items()}
