@@ -13,8 +13,9 @@ cost), ``peft`` (peft LoRA r = 8, alpha 8), and ``lora``, ``lsr``, ``condlora``,
 LoRA r = 8, alpha 8). ``--mode eager`` runs them eagerly (lsrfx's low-rank path); ``--formed`` adds each method
 through the formed weight ``linear(x, W0 + dW)`` (``lsrfx.adapted_layer.formed_weight_path``: what lsrfx ran
 before the low-rank path); ``--before`` adds ``condlora-separate`` (CondLoRA's factor products of their own, as
-before its stacked form, eager or compiled) and, eagerly, ``genlora-op`` (the RBF banks through the custom op); ``--mode compiled`` runs every variant under ``torch.compile`` in this one process
-(Dynamo's recompile limit raised, or variants past the eighth would silently run eager).
+before its stacked form, eager or compiled) and, eagerly, ``genlora-op`` (the RBF banks through the custom op);
+``--mode compiled`` runs every variant under ``torch.compile`` in this one process (Dynamo's recompile limit
+raised, or variants past the eighth would silently run eager).
 
 What is measured:
 

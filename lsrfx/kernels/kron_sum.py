@@ -9,8 +9,9 @@ The op and its backward (``lsrfx::kron_sum_backward``) are opaque ``custom_op``s
 generating code for them (what a structured factor added to a cold compile; ``docs/architecture.md``, "Compile
 time"), so their bodies are the matrix-product forms eager code should run (:func:`kron_sum_product`,
 :func:`kron_sum_product_grads`). Eager callers run those bodies through :class:`KronSum`, a plain
-``autograd.Function`` that dispatches faster than the op. :func:`kron_sum_reference` and :func:`kron_sum_grads`, the broadcast-product
-reductions, are the statement of the math, and what ``lsr_linear``'s body and backward trace into compiled code.
+``autograd.Function`` that dispatches faster than the op. :func:`kron_sum_reference` and :func:`kron_sum_grads`,
+the broadcast-product reductions, are the statement of the math, and what ``lsr_linear``'s body and backward trace
+into compiled code.
 """
 
 from __future__ import annotations
