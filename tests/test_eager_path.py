@@ -156,9 +156,16 @@ def test_int8_base_keeps_no_dequantised_weight_for_backward() -> None:
         assert_same_as_formed(model, batch, tol=1e-4)
 
 
+@pytest.mark.parametrize("method", ["lsr", "condlora-stacked"])
 @pytest.mark.parametrize("reentrant", [False, True])
-def test_gradient_checkpointing(reentrant: bool) -> None:
-    model = lsrfx.adapt(build("llama"), method="lsr", targets=ALL_LINEAR, **TINY_OPTIONS["lsr"])
+def test_gradient_checkpointing(reentrant: bool, method: str, monkeypatch) -> None:
+    """Checkpointed blocks recompute the layers; ``condlora-stacked``: CondLoRA's stacked layer on every layer."""
+    if method == "condlora-stacked":
+        from lsrfx.kernels import condlora_linear
+
+        monkeypatch.setattr(condlora_linear, "stacking_pays", lambda *shape: True)
+        method = "condlora"
+    model = lsrfx.adapt(build("llama"), method=method, targets=ALL_LINEAR, **TINY_OPTIONS[method])
     perturb(model)
     model.train()
     batch = inputs("llama")

@@ -140,7 +140,8 @@ def rbf_bank_backward_values(grad: Tensor, z: Tensor, centres: Tensor, log_gamma
     grad_log_gamma = torch.linalg.vecdot(grad_arg, e).neg_()  # d(-gamma sq) / d log_gamma = -gamma sq
     h = grad_arg.mul_(gamma.unsqueeze(-1) * -2)
     by_centre = h @ torch.cat([z, z.new_ones(*z.shape[:-1], 1)], -1)  # (..., m, g + 1): h @ z, row sums
-    by_position = h.mT @ torch.cat([centres, centres.new_ones(*centres.shape[:-1], 1)], -1)  # (..., n, g + 1)
+    # (..., n, g + 1), formed as its transpose: a product with n rows and g + 1 columns is several times slower
+    by_position = (torch.cat([centres, centres.new_ones(*centres.shape[:-1], 1)], -1).mT @ h).mT
     grad_c = centres * by_centre[..., -1:] - by_centre[..., :-1]
     grad_z = z * by_position[..., -1:] - by_position[..., :-1]
     return grad_z, grad_c, grad_log_gamma, grad_w
