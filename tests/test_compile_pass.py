@@ -391,6 +391,9 @@ def test_small_factor_products_become_reductions(d, tokens, form):
     assert [d_.action for d_ in decisions] == ["fused"]
     assert ("generated as reductions" in decisions[0].reason) == (form == "reductions")
     assert (decisions[0].fused_op == "lsrfx::condlora_linear") == (form == "stacked")
+    from lsrfx.kernels.factor_table import is_fused_op  # what explain marks FUSED
+
+    assert sum(map(is_fused_op, gm.graph.nodes)) == 1
     matmuls = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is operator.matmul]
     assert len(matmuls) == (2 if form == "matmuls" else 0)
     torch.testing.assert_close(gm(x, w0, bias, ca, cb), want, atol=1e-3, rtol=1e-4)

@@ -28,7 +28,7 @@ import torch
 from torch import fx
 
 from lsrfx.kernels import condlora_linear
-from lsrfx.kernels.factor_table import DENSE, KRON_SUM, MERGED_LINEAR, is_call, is_factor_op
+from lsrfx.kernels.factor_table import CONDLORA_LINEAR, DENSE, KRON_SUM, MERGED_LINEAR, is_call, is_factor_op
 from lsrfx.kernels.layout import formed_transposed
 from lsrfx.passes import cost_model
 from lsrfx.passes.batch import batch_factor_ops
@@ -204,7 +204,7 @@ def _stacked_condlora(graph: fx.Graph, m: Match) -> Callable[[fx.Graph, Match], 
         return None
 
     def call(graph: fx.Graph, m: Match) -> tuple[fx.Node, fx.Node]:
-        op = graph.call_function(torch.ops.lsrfx.condlora_linear.default,
+        op = graph.call_function(CONDLORA_LINEAR.default,
                                  (m.x, m.w0, m.bias, c_a, c_b, m.scale, square, m.op_transposed))
         return op, graph.call_function(operator.getitem, (op, 0))
 
@@ -297,7 +297,7 @@ def fuse_adapted_linears(graph: fx.Graph, record: bool = True) -> list[Decision]
         d = Decision(node.name, layer, found.kind, found.structure.fused_op_name, action, reason)
         stacked = _stacked_condlora(graph, found) if action == "fused" else None
         if stacked is not None:
-            d.fused_op = "lsrfx::condlora_linear"
+            d.fused_op = CONDLORA_LINEAR.default.name()
             d.reason += "; CondLoRA's factor products stacked onto the base matmul"
             d.fused_node = _rewrite(graph, found, stacked).name
             _erase_unused_products(graph, (found.a, found.b))
