@@ -233,7 +233,7 @@ def main() -> None:
     if args.mode == "compiled":
         torch._dynamo.config.recompile_limit = 64
         torch._dynamo.config.cache_size_limit = 64
-        if args.before:  # the pass's choice for condlora-separate is made at compile time: no cached graph may stand in
+        if args.before:  # condlora-separate's form is chosen at compile time: no cached graph may stand in for it
             torch._inductor.config.fx_graph_cache = False
             torch._functorch.config.enable_autograd_cache = False
     variants = {k: make_variant(k, args.setup, args) for k in keys}
