@@ -13,7 +13,8 @@ cost), ``peft`` (peft LoRA r = 8, alpha 8), and ``lora``, ``lsr``, ``condlora``,
 LoRA r = 8, alpha 8). ``--mode eager`` runs them eagerly (lsrfx's low-rank path); ``--formed`` adds each method
 through the formed weight ``linear(x, W0 + dW)`` (``lsrfx.adapted_layer.formed_weight_path``: what lsrfx ran
 before the low-rank path); ``--before`` adds ``condlora-separate`` (CondLoRA's factor products of their own, as
-before its stacked form, eager or compiled) and, eagerly, ``genlora-op`` (the RBF banks through the custom op);
+before its stacked form, eager or compiled) and, eagerly, ``genlora-op`` (GenLoRA's generic low-rank path with the
+RBF banks through the custom op, as before ``GenLoRALinear``);
 ``--mode compiled`` runs every variant under ``torch.compile`` in this one process (Dynamo's recompile limit
 raised, or variants past the eighth would silently run eager).
 
@@ -126,17 +127,20 @@ def separate_products() -> Iterator[None]:
 
 @contextmanager
 def banks_through_the_op() -> Iterator[None]:
-    """GenLoRA's eager banks through the ``rbf_bank`` custom op, as before ``RbfBank`` (``--before``)."""
+    """GenLoRA as before ``GenLoRALinear`` and ``RbfBank`` (``--before``): the generic low-rank path, which keeps the
+    synthesised factors for the backward, with the banks called through the ``rbf_bank`` custom op."""
     from lsrfx.adapters import genlora
 
     class Op:
         apply = staticmethod(torch.ops.lsrfx.rbf_bank)
 
     function, genlora.RbfBank = genlora.RbfBank, Op
+    layer, genlora.GenLoRAAdapter.eager_linear = genlora.GenLoRAAdapter.eager_linear, lambda self, *args: None
     try:
         yield
     finally:
         genlora.RbfBank = function
+        genlora.GenLoRAAdapter.eager_linear = layer
 
 
 def step_fn(model: nn.Module, batch: dict, context: Callable) -> Callable[[], None]:
@@ -195,8 +199,8 @@ def main() -> None:
     p.add_argument("--formed", action="store_true", help="add each method through the formed weight")
     p.add_argument("--before", action="store_true",
                    help="add condlora-separate (factor products of their own, eager or compiled) and, eagerly, "
-                        "genlora-op (RBF banks through the custom op): the forms before CondLoRALinear / "
-                        "condlora_linear and RbfBank")
+                        "genlora-op (the generic path, banks through the custom op): the forms before "
+                        "CondLoRALinear / condlora_linear and GenLoRALinear")
     p.add_argument("--peak", action="store_true", help="peak RSS per variant, one fresh process each")
     p.add_argument("--product-bound", type=int, default=None,
                    help="compiled mode: the cost model's SMALL_PRODUCT_FLOPS for this run (CondLoRA's small factor "

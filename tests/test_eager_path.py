@@ -156,10 +156,11 @@ def test_int8_base_keeps_no_dequantised_weight_for_backward() -> None:
         assert_same_as_formed(model, batch, tol=1e-4)
 
 
-@pytest.mark.parametrize("method", ["lsr", "condlora-stacked"])
+@pytest.mark.parametrize("method", ["lsr", "condlora-stacked", "genlora"])
 @pytest.mark.parametrize("reentrant", [False, True])
 def test_gradient_checkpointing(reentrant: bool, method: str, monkeypatch) -> None:
-    """Checkpointed blocks recompute the layers; ``condlora-stacked``: CondLoRA's stacked layer on every layer."""
+    """Checkpointed blocks recompute the layers (GenLoRA's layer also forms its factors again in the backward);
+    ``condlora-stacked``: CondLoRA's stacked layer on every layer."""
     if method == "condlora-stacked":
         from lsrfx.kernels import condlora_linear
 
@@ -306,3 +307,30 @@ def test_condlora_stacked_products_equal_the_formed_weight_path(arch: str, monke
     layer = layers[0]
     out = layer(torch.randn(3, layer.in_features if hasattr(layer, "in_features") else layer.weight.shape[0]))
     out.mul_(2).sum().backward()
+
+
+def test_genlora_keeps_no_synthesised_factor_for_backward() -> None:
+    """GenLoRA's eager layer forms ``A`` and ``B`` again in the backward from its banks' parameters instead of
+    keeping them (``kernels/genlora_linear.py``): no tensor of a factor's shape is saved, and the gradients are the
+    formed-weight path's."""
+    torch.manual_seed(0)
+    model = lsrfx.adapt(nn.Sequential(nn.Linear(40, 24)), method="genlora", targets=["0"], r=6)
+    perturb(model)
+    x = torch.randn(2, 9, 40, requires_grad=True)
+    shapes = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        shapes.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(x)
+    assert shapes and not {(6, 40), (6, 24), (24, 6), (40, 6)} & set(shapes)
+    params = [x, *(p for p in model.parameters() if p.requires_grad)]
+    grads = torch.autograd.grad(out.square().sum(), params)
+    with formed_weight_path():
+        want = model(x)
+        want_grads = torch.autograd.grad(want.square().sum(), params)
+    torch.testing.assert_close(out, want)
+    for g, w in zip(grads, want_grads, strict=True):
+        torch.testing.assert_close(g, w)

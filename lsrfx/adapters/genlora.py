@@ -65,6 +65,7 @@ from torch import Tensor, nn
 
 from lsrfx.adapters.base import Adapter, AdapterConfig, LayerSpec, alpha_field, check_rank, option_field, rank_field
 from lsrfx.errors import LsrfxError
+from lsrfx.kernels.genlora_linear import GenLoRALinear
 from lsrfx.kernels.rbf_bank import RbfBank, rbf_bank_reference, rbf_features, sq_distances
 
 BASES = ("rbf", "centred", "mixed")
@@ -228,6 +229,20 @@ class GenLoRAAdapter(Adapter):
         a = rbf_bank_reference(self.Z_A, self.centres_A, self.log_gamma_A, weights_a, self.basis)  # (r, d_in)
         b = rbf_bank_reference(self.Z_B, self.centres_B, self.log_gamma_B, weights_b, self.basis).t()  # (d_out, r)
         return a, b
+
+    def eager_linear(self, x: Tensor, w0: Tensor, bias: Tensor | None) -> Tensor | None:
+        """The layer through :class:`~lsrfx.kernels.genlora_linear.GenLoRALinear`, which forms the factors again in
+        the backward instead of keeping them, when every tensor is a plain one of one dtype outside autocast; else
+        ``None``: the generic path (mixed precision, sharded parameters)."""
+        weights_a, weights_b = (self.mix_A, self.mix_B) if self.basis == "mixed" else (self.amplitude_A,
+                                                                                      self.amplitude_B)
+        banks = (self.Z_A, self.centres_A, self.log_gamma_A, weights_a, self.Z_B, self.centres_B, self.log_gamma_B,
+                 weights_b)
+        tensors = (x, w0, *banks) + (() if bias is None else (bias,))
+        if any(type(v) not in (Tensor, nn.Parameter) or v.dtype != x.dtype for v in tensors) \
+                or torch.is_autocast_enabled(x.device.type):
+            return None
+        return GenLoRALinear.apply(x, w0, bias, self.scale, self.basis, *banks)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, basis={self.basis}"

@@ -19,10 +19,10 @@ backward (``lsrfx::rbf_bank_backward``) are opaque ``custom_op``s: Inductor call
 generating and compiling C++ for the synthesis, which was most of what GenLoRA added to a cold compile. Their
 bodies (:func:`rbf_bank_forward`, :func:`rbf_bank_backward_values`) are written for eager execution, with as few
 passes over the ``m x n`` values as the arithmetic allows (in-place updates of fresh temporaries; the latent and
-centre gradients as two small matrix products). In eager mode GenLoRA runs the same two bodies through
-:class:`RbfBank`, a plain ``autograd.Function``: a ``custom_op`` call's Python dispatch costs more than the
-arithmetic of a small bank, paid twice per layer and step; either way the backward recomputes ``Phi``, so only the
-parameters stay alive for it. ``torch.export`` keeps the plain torch functions (:func:`rbf_bank_reference`, the
+centre gradients as two small matrix products). In eager mode GenLoRA runs the same two bodies without the op
+(a ``custom_op`` call's Python dispatch costs more than the arithmetic of a small bank): in training inside its
+whole-layer function (:mod:`lsrfx.kernels.genlora_linear`), elsewhere through :class:`RbfBank`, a plain
+``autograd.Function``; either way the backward recomputes ``Phi``, so only the parameters stay alive for it. ``torch.export`` keeps the plain torch functions (:func:`rbf_bank_reference`, the
 same values), so exported graphs hold standard ops.
 
 :func:`rbf_bank_reference` and :func:`rbf_bank_grads` are the plain statement of the math the op is tested against.
