@@ -214,9 +214,14 @@ class GenLoRAAdapter(Adapter):
             phi_b = phi_b - phi_b.mean(dim=1, keepdim=True)
         return phi_a, phi_b
 
+    def bank_weights(self) -> tuple[Tensor, Tensor]:
+        """What weighs each bank's features: the mixing matrices (``mixed``) or the amplitudes."""
+        if self.basis == "mixed":
+            return self.mix_A, self.mix_B
+        return self.amplitude_A, self.amplitude_B
+
     def factors(self, w0: Tensor) -> tuple[Tensor, Tensor]:
-        weights_a, weights_b = (self.mix_A, self.mix_B) if self.basis == "mixed" else (self.amplitude_A,
-                                                                                      self.amplitude_B)
+        weights_a, weights_b = self.bank_weights()
         if not torch.compiler.is_exporting():
             # The same values through the ``rbf_bank`` op (lsrfx/kernels/rbf_bank.py), which the compile pass
             # batches across layers, or eagerly through its bodies behind an autograd.Function (a custom op's
@@ -234,8 +239,7 @@ class GenLoRAAdapter(Adapter):
         """The layer through :class:`~lsrfx.kernels.genlora_linear.GenLoRALinear`, which forms the factors again in
         the backward instead of keeping them, when every tensor is a plain one of one dtype outside autocast; else
         ``None``: the generic path (mixed precision, sharded parameters)."""
-        weights_a, weights_b = (self.mix_A, self.mix_B) if self.basis == "mixed" else (self.amplitude_A,
-                                                                                      self.amplitude_B)
+        weights_a, weights_b = self.bank_weights()
         banks = (self.Z_A, self.centres_A, self.log_gamma_A, weights_a, self.Z_B, self.centres_B, self.log_gamma_B,
                  weights_b)
         tensors = (x, w0, *banks) + (() if bias is None else (bias,))
