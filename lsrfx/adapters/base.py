@@ -87,6 +87,14 @@ class Adapter(nn.Module, abc.ABC):
         return f"d_out={self.d_out}, d_in={self.d_in}, rank={self.rank}, scale={self.scale:g}"
 
 
+def plain_and_uniform(x: Tensor, *tensors: Tensor | None) -> bool:
+    """Whether an eager layer function (``Adapter.eager_linear``) may run: ``x`` and every given tensor are plain
+    tensors or parameters (no DTensor or quantized subclass) of ``x``'s dtype, outside autocast. ``None`` entries (a
+    missing bias) are skipped."""
+    return not torch.is_autocast_enabled(x.device.type) and all(
+        type(v) in (Tensor, nn.Parameter) and v.dtype == x.dtype for v in (x, *tensors) if v is not None)
+
+
 def option_field(default: Any, help_text: str, *, minimum: float | None = None, above: float | None = None,
                  maximum: float | None = None) -> Any:
     """A config field with its one-line help text (``metadata["help"]``), which the CLI shows for the field's flag,

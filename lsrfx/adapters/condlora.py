@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from lsrfx.adapters.base import Adapter, LayerSpec, RankConfig
+from lsrfx.adapters.base import Adapter, LayerSpec, RankConfig, plain_and_uniform
 from lsrfx.errors import LsrfxError
 from lsrfx.kernels import condlora_linear as stacked_form
 from lsrfx.quantized_base import dense
@@ -150,10 +150,8 @@ class CondLoRAAdapter(Adapter):
         and every tensor is a plain one of one dtype outside autocast; else ``None``: the generic path (quantized,
         mixed-precision or sharded layers)."""
         pair = self.pair
-        tensors = (x, w0, pair.C_A, pair.C_B) + (() if bias is None else (bias,))
         if not stacked_form.stacking_pays(x.numel() // max(x.shape[-1], 1), self.d_in, self.d_out) \
-                or any(type(v) not in (Tensor, nn.Parameter) or v.dtype != x.dtype for v in tensors) \
-                or torch.is_autocast_enabled(x.device.type):
+                or not plain_and_uniform(x, w0, pair.C_A, pair.C_B, bias):
             return None
         return stacked_form.CondLoRALinear.apply(x, w0, bias, pair.C_A, pair.C_B, self.scale, pair.square, False)
 

@@ -63,7 +63,16 @@ from typing import ClassVar, Literal
 import torch
 from torch import Tensor, nn
 
-from lsrfx.adapters.base import Adapter, AdapterConfig, LayerSpec, alpha_field, check_rank, option_field, rank_field
+from lsrfx.adapters.base import (
+    Adapter,
+    AdapterConfig,
+    LayerSpec,
+    alpha_field,
+    check_rank,
+    option_field,
+    plain_and_uniform,
+    rank_field,
+)
 from lsrfx.errors import LsrfxError
 from lsrfx.kernels.genlora_linear import GenLoRALinear
 from lsrfx.kernels.rbf_bank import RbfBank, rbf_bank_reference, rbf_features, sq_distances
@@ -242,9 +251,7 @@ class GenLoRAAdapter(Adapter):
         weights_a, weights_b = self.bank_weights()
         banks = (self.Z_A, self.centres_A, self.log_gamma_A, weights_a, self.Z_B, self.centres_B, self.log_gamma_B,
                  weights_b)
-        tensors = (x, w0, *banks) + (() if bias is None else (bias,))
-        if any(type(v) not in (Tensor, nn.Parameter) or v.dtype != x.dtype for v in tensors) \
-                or torch.is_autocast_enabled(x.device.type):
+        if not plain_and_uniform(x, w0, bias, *banks):
             return None
         return GenLoRALinear.apply(x, w0, bias, self.scale, self.basis, *banks)
 

@@ -69,6 +69,19 @@ def _logical(w0: Tensor, transposed: bool) -> Tensor:
     return w0.t() if transposed else w0
 
 
+def _save(ctx, x: Tensor, w0: Tensor, a: Tensor, bt: Tensor, u: Tensor, scale: float, square: bool,
+          transposed: bool) -> None:
+    """What both entry points keep for the backward."""
+    ctx.save_for_backward(x, w0, a, bt, u)
+    ctx.scale, ctx.square, ctx.transposed = scale, square, transposed
+
+
+def _input_grads(need: tuple, grad_x: Tensor, grad_bias: Tensor, grad_c_a: Tensor, grad_c_b: Tensor) -> tuple:
+    """The gradients of ``(x, w0, bias, c_a, c_b, scale, square, transposed)``, ``None`` where none is needed."""
+    return (grad_x if need[0] else None, None, grad_bias if need[2] else None, grad_c_a if need[3] else None,
+            grad_c_b if need[4] else None, None, None, None)
+
+
 class CondLoRALinear(torch.autograd.Function):
     """The layer in eager training (see the module docstring). Saved for the backward: ``x``, ``A``, ``B.T`` and
     ``x @ A.T`` (what the generic low-rank path and peft keep), and ``W0`` itself."""
@@ -77,18 +90,15 @@ class CondLoRALinear(torch.autograd.Function):
     def forward(ctx, x: Tensor, w0: Tensor, bias: Tensor | None, c_a: Tensor, c_b: Tensor, scale: float,
                 square: bool, transposed: bool) -> Tensor:
         out, a, bt, u = condlora_forward(x, _logical(w0, transposed), bias, c_a, c_b, scale, square)
-        ctx.save_for_backward(x, w0, a, bt, u)
-        ctx.scale, ctx.square, ctx.transposed = scale, square, transposed
+        _save(ctx, x, w0, a, bt, u, scale, square, transposed)
         return out
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple:
         x, w0, a, bt, u = ctx.saved_tensors
         need = ctx.needs_input_grad
-        grad_x, grad_bias, grad_c_a, grad_c_b = condlora_backward(
-            grad, x, _logical(w0, ctx.transposed), a, bt, u, ctx.scale, ctx.square, need[2])
-        return (grad_x if need[0] else None, None, grad_bias if need[2] else None, grad_c_a if need[3] else None,
-                grad_c_b if need[4] else None, None, None, None)
+        return _input_grads(need, *condlora_backward(grad, x, _logical(w0, ctx.transposed), a, bt, u, ctx.scale,
+                                                     ctx.square, need[2]))
 
 
 @torch.library.custom_op("lsrfx::condlora_linear", mutates_args=())
@@ -126,16 +136,13 @@ def _(grad: Tensor, x: Tensor, w0: Tensor, a: Tensor, bt: Tensor, u: Tensor, sca
 def _setup_context(ctx, inputs: tuple, output: tuple) -> None:
     x, w0, _bias, _c_a, _c_b, scale, square, transposed = inputs
     _out, a, bt, u = output
-    ctx.save_for_backward(x, w0, a, bt, u)
-    ctx.scale, ctx.square, ctx.transposed = scale, square, transposed
+    _save(ctx, x, w0, a, bt, u, scale, square, transposed)
 
 
 def _backward(ctx, grad: Tensor, *_unused: Tensor) -> tuple:
     need = ctx.needs_input_grad
-    grad_x, grad_bias, grad_c_a, grad_c_b = torch.ops.lsrfx.condlora_linear_backward(
-        grad, *ctx.saved_tensors, ctx.scale, ctx.square, ctx.transposed, need[2])
-    return (grad_x if need[0] else None, None, grad_bias if need[2] else None, grad_c_a if need[3] else None,
-            grad_c_b if need[4] else None, None, None, None)
+    return _input_grads(need, *torch.ops.lsrfx.condlora_linear_backward(
+        grad, *ctx.saved_tensors, ctx.scale, ctx.square, ctx.transposed, need[2]))
 
 
 condlora_linear.register_autograd(_backward, setup_context=_setup_context)

@@ -159,9 +159,15 @@ def _products_as_reductions(graph: fx.Graph, m: Match) -> int:
     return done
 
 
+def _is_conversion(node: object) -> bool:
+    """A ``detach`` / ``to`` / ``contiguous`` call: what CondLoRA's factors apply to ``W0`` (``to`` its own dtype,
+    checked by the caller)."""
+    return isinstance(node, fx.Node) and node.op == "call_method" and node.target in ("detach", "to", "contiguous")
+
+
 def _source(node: object) -> object:
-    """``node`` through the no-op conversions CondLoRA's factors apply to ``W0`` (``detach``, ``to`` its dtype)."""
-    while isinstance(node, fx.Node) and node.op == "call_method" and node.target in ("detach", "to", "contiguous"):
+    """``node`` through the conversions of :func:`_is_conversion`."""
+    while _is_conversion(node):
         node = node.args[0]
     return node
 
@@ -216,8 +222,7 @@ def _erase_unused_products(graph: fx.Graph, nodes: tuple) -> None:
     todo = list(nodes)
     while todo:
         node = todo.pop()
-        pure = call_kind(node) in ("mm", "t", "transpose") or (
-            isinstance(node, fx.Node) and node.op == "call_method" and node.target in ("detach", "to", "contiguous"))
+        pure = call_kind(node) in ("mm", "t", "transpose") or _is_conversion(node)
         if not pure or node.users:
             continue
         todo.extend(n for n in node.all_input_nodes)
