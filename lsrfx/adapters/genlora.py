@@ -223,37 +223,35 @@ class GenLoRAAdapter(Adapter):
             phi_b = phi_b - phi_b.mean(dim=1, keepdim=True)
         return phi_a, phi_b
 
-    def bank_weights(self) -> tuple[Tensor, Tensor]:
-        """What weighs each bank's features: the mixing matrices (``mixed``) or the amplitudes."""
-        if self.basis == "mixed":
-            return self.mix_A, self.mix_B
-        return self.amplitude_A, self.amplitude_B
+    def banks(self) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
+        """The arguments of ``A``'s and ``B``'s banks: latents, centres, log-widths and what weighs the features
+        (the mixing matrix for ``mixed``, else the amplitudes)."""
+        mixed = self.basis == "mixed"
+        return ((self.Z_A, self.centres_A, self.log_gamma_A, self.mix_A if mixed else self.amplitude_A),
+                (self.Z_B, self.centres_B, self.log_gamma_B, self.mix_B if mixed else self.amplitude_B))
 
     def factors(self, w0: Tensor) -> tuple[Tensor, Tensor]:
-        weights_a, weights_b = self.bank_weights()
-        if not torch.compiler.is_exporting():
-            # The same values through the ``rbf_bank`` op (lsrfx/kernels/rbf_bank.py), which the compile pass
-            # batches across layers, or eagerly through its bodies behind an autograd.Function (a custom op's
-            # dispatch costs more than a small bank's arithmetic). Either backward recomputes the RBF features
-            # instead of keeping them (r x n values per bank and layer) from forward to backward.
-            bank = torch.ops.lsrfx.rbf_bank if torch.compiler.is_compiling() else RbfBank.apply
-            a = bank(self.Z_A, self.centres_A, self.log_gamma_A, weights_a, self.basis)  # (r, d_in)
-            b = bank(self.Z_B, self.centres_B, self.log_gamma_B, weights_b, self.basis).t()  # (d_out, r)
-            return a, b
-        a = rbf_bank_reference(self.Z_A, self.centres_A, self.log_gamma_A, weights_a, self.basis)  # (r, d_in)
-        b = rbf_bank_reference(self.Z_B, self.centres_B, self.log_gamma_B, weights_b, self.basis).t()  # (d_out, r)
-        return a, b
+        # The same values three ways: plain torch under torch.export (exported graphs hold standard ops), the
+        # ``rbf_bank`` op under torch.compile (the pass batches it across layers), and eagerly its bodies behind an
+        # autograd.Function (a custom op's dispatch costs more than a small bank's arithmetic). The op's and the
+        # function's backward recompute the RBF features instead of keeping them from forward to backward.
+        if torch.compiler.is_exporting():
+            bank = rbf_bank_reference
+        elif torch.compiler.is_compiling():
+            bank = torch.ops.lsrfx.rbf_bank
+        else:
+            bank = RbfBank.apply
+        bank_a, bank_b = self.banks()
+        return bank(*bank_a, self.basis), bank(*bank_b, self.basis).t()  # A (r, d_in), B (d_out, r)
 
     def eager_linear(self, x: Tensor, w0: Tensor, bias: Tensor | None) -> Tensor | None:
         """The layer through :class:`~lsrfx.kernels.genlora_linear.GenLoRALinear`, which forms the factors again in
         the backward instead of keeping them, when every tensor is a plain one of one dtype outside autocast; else
         ``None``: the generic path (mixed precision, sharded parameters)."""
-        weights_a, weights_b = self.bank_weights()
-        banks = (self.Z_A, self.centres_A, self.log_gamma_A, weights_a, self.Z_B, self.centres_B, self.log_gamma_B,
-                 weights_b)
-        if not plain_and_uniform(x, w0, bias, *banks):
+        bank_a, bank_b = self.banks()
+        if not plain_and_uniform(x, w0, bias, *bank_a, *bank_b):
             return None
-        return GenLoRALinear.apply(x, w0, bias, self.scale, self.basis, *banks)
+        return GenLoRALinear.apply(x, w0, bias, self.scale, self.basis, *bank_a, *bank_b)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, basis={self.basis}"

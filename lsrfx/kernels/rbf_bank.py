@@ -22,8 +22,9 @@ passes over the ``m x n`` values as the arithmetic allows (in-place updates of f
 centre gradients as two small matrix products). In eager mode GenLoRA runs the same two bodies without the op
 (a ``custom_op`` call's Python dispatch costs more than the arithmetic of a small bank): in training inside its
 whole-layer function (:mod:`lsrfx.kernels.genlora_linear`), elsewhere through :class:`RbfBank`, a plain
-``autograd.Function``; either way the backward recomputes ``Phi``, so only the parameters stay alive for it. ``torch.export`` keeps the plain torch functions (:func:`rbf_bank_reference`, the
-same values), so exported graphs hold standard ops.
+``autograd.Function``; either way the backward recomputes ``Phi``, so only the parameters stay alive for it.
+``torch.export`` keeps the plain torch functions (:func:`rbf_bank_reference`, the same values), so exported graphs
+hold standard ops.
 
 :func:`rbf_bank_reference` and :func:`rbf_bank_grads` are the plain statement of the math the op is tested against.
 """
