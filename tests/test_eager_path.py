@@ -334,3 +334,38 @@ def test_genlora_keeps_no_synthesised_factor_for_backward() -> None:
     torch.testing.assert_close(out, want)
     for g, w in zip(grads, want_grads, strict=True):
         torch.testing.assert_close(g, w)
+
+
+class CountFeatureMaps(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the exponentials over a whole ``m x n`` RBF feature map (one per synthesis of a bank's features)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in (torch.ops.aten.exp.default, torch.ops.aten.exp_.default) and args[0].dim() == 2:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("basis", ["rbf", "centred", "mixed"])
+def test_genlora_backward_computes_each_banks_features_once(basis: str) -> None:
+    """GenLoRA's eager backward forms ``A`` and ``B`` from the same RBF features their banks' gradients are made of:
+    one feature map per bank each way (the forward's two, the backward's two), not a second one per bank; the
+    gradients are the formed-weight path's."""
+    torch.manual_seed(0)
+    model = lsrfx.adapt(nn.Sequential(nn.Linear(40, 24)), method="genlora", targets=["0"], r=6, basis=basis)
+    perturb(model)
+    x = torch.randn(2, 9, 40, requires_grad=True)
+    params = [x, *(p for p in model.parameters() if p.requires_grad)]
+    with CountFeatureMaps() as forward:
+        out = model(x)
+    with CountFeatureMaps() as backward:
+        grads = torch.autograd.grad(out.square().sum(), params)
+    assert (forward.count, backward.count) == (2, 2)
+    with formed_weight_path():
+        want = model(x)
+        want_grads = torch.autograd.grad(want.square().sum(), params)
+    for g, w in zip(grads, want_grads, strict=True):
+        torch.testing.assert_close(g, w)

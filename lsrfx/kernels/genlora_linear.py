@@ -4,8 +4,8 @@ by RBF banks (:mod:`lsrfx.kernels.rbf_bank`), keeping only the parameters of the
 Through the generic low-rank path, autograd keeps the synthesised factors from forward to backward (``r x (d_in +
 d_out)`` values per layer: at GenLoRA's default r = 32, four times what LoRA's saved activations add per token of
 rank). The factors are cheap to synthesise again, so :class:`GenLoRALinear` saves ``x``, ``x @ A.T`` and the
-banks' parameters and forms ``A`` and ``B`` anew in the backward (one more forward of each bank), as the banks'
-own backward already recomputes their features. Used by ``GenLoRAAdapter.eager_linear`` when every tensor is a
+banks' parameters and forms ``A`` and ``B`` anew in the backward from the RBF features the banks' gradients are
+made from, so the backward computes each bank's features once, as the bank's own backward alone would. Used by ``GenLoRAAdapter.eager_linear`` when every tensor is a
 plain one of one dtype outside autocast; under ``torch.compile`` the layer is fused by the pass as before.
 """
 
@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lsrfx.kernels.rbf_bank import rbf_bank_backward_values, rbf_bank_forward
+from lsrfx.kernels.rbf_bank import rbf_bank_backward_values, rbf_bank_features, rbf_bank_forward, weigh_features
 
 
 class GenLoRALinear(torch.autograd.Function):
@@ -42,14 +42,16 @@ class GenLoRALinear(torch.autograd.Function):
         x2, w0, u, *banks = ctx.saved_tensors
         a_bank, b_bank = banks[:4], banks[4:]
         basis, need = ctx.basis, ctx.needs_input_grad
-        a = rbf_bank_forward(*a_bank, basis)  # formed again instead of kept
-        bt = rbf_bank_forward(*b_bank, basis)
+        # Formed again instead of kept; the features serve both the factor and the bank's gradients.
+        features_a, features_b = rbf_bank_features(*a_bank[:3]), rbf_bank_features(*b_bank[:3])
+        a = weigh_features(features_a[2], a_bank[3], basis)
+        bt = weigh_features(features_b[2], b_bank[3], basis)
         g = grad.reshape(-1, grad.shape[-1])
         grad_bt = (u.t() @ g).mul_(ctx.scale)  # (r, d_out)
         grad_u = (g @ bt.t()).mul_(ctx.scale)  # (t, r)
         grad_x = (g @ w0).addmm_(grad_u, a).reshape(ctx.x_shape) if need[0] else None
         grad_bias = g.sum(0) if need[2] else None
-        grads_a = rbf_bank_backward_values(grad_u.t() @ x2, *a_bank, basis)
-        grads_b = rbf_bank_backward_values(grad_bt, *b_bank, basis)
+        grads_a = rbf_bank_backward_values(grad_u.t() @ x2, *a_bank, basis, features_a)
+        grads_b = rbf_bank_backward_values(grad_bt, *b_bank, basis, features_b)
         bank_grads = [gr if n else None for gr, n in zip((*grads_a, *grads_b), need[5:], strict=True)]
         return grad_x, None, grad_bias, None, None, *bank_grads

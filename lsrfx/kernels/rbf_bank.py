@@ -109,25 +109,42 @@ def _scaled_sq_distances(z: Tensor, centres: Tensor, gamma: Tensor) -> Tensor:
     return out.mul_(gamma.unsqueeze(-1))
 
 
+def rbf_bank_features(z: Tensor, centres: Tensor, log_gamma: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(gamma, e, Phi)``: the widths ``exp(log_gamma)``, the scaled distances ``e = gamma * ||z - c||^2`` and the
+    features ``Phi = exp(-e)``, what both the bank and its gradients are made from (two fresh ``(..., m, n)``
+    tensors)."""
+    gamma = log_gamma.exp()
+    e = _scaled_sq_distances(z, centres, gamma)
+    return gamma, e, torch.neg(e).exp_()
+
+
+def weigh_features(phi: Tensor, weights: Tensor, basis: str, *, in_place: bool = False) -> Tensor:
+    """The bank from its features ``Phi`` (``(..., m, n)``): weighted, centred and weighted, or mixed. ``in_place``
+    reuses ``phi``'s storage (when nothing else needs the features)."""
+    if basis == "mixed":
+        return (weights @ phi).mul_(phi.shape[-1] ** -0.5)
+    if basis == "centred":
+        mean = phi.mean(-1, keepdim=True)
+        phi = phi.sub_(mean) if in_place else phi - mean
+        return phi.mul_(weights.unsqueeze(-1))
+    return phi.mul_(weights.unsqueeze(-1)) if in_place else phi * weights.unsqueeze(-1)
+
+
 def rbf_bank_forward(z: Tensor, centres: Tensor, log_gamma: Tensor, weights: Tensor, basis: str) -> Tensor:
     """:func:`rbf_bank_reference`'s values with in-place updates of one fresh ``(..., m, n)`` tensor."""
     phi = _scaled_sq_distances(z, centres, log_gamma.exp()).neg_().exp_()
-    if basis == "mixed":
-        return (weights @ phi).mul_(z.shape[-2] ** -0.5)
-    if basis == "centred":
-        phi.sub_(phi.mean(-1, keepdim=True))
-    return phi.mul_(weights.unsqueeze(-1))
+    return weigh_features(phi, weights, basis, in_place=True)
 
 
 def rbf_bank_backward_values(grad: Tensor, z: Tensor, centres: Tensor, log_gamma: Tensor, weights: Tensor,
-                             basis: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                             basis: str, features: tuple[Tensor, Tensor, Tensor] | None = None,
+                             ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """:func:`rbf_bank_grads`'s values with fewer passes: ``Phi`` recomputed from the scaled distances ``e`` (kept
-    for ``log_gamma``'s gradient, ``-sum_j dPhi_ij * e_ij``); with ``h = -2 gamma_i dL/dArg`` (the exponent's
-    gradient), ``dL/dc_i = c_i sum_j h_ij - sum_j h_ij z_j`` and ``dL/dz_j = z_j sum_i h_ij - sum_i h_ij c_i``,
-    each pair of sums one matrix product with a column of ones appended."""
-    gamma = log_gamma.exp()
-    e = _scaled_sq_distances(z, centres, gamma)  # gamma * ||z - c||^2
-    phi = torch.neg(e).exp_()
+    for ``log_gamma``'s gradient, ``-sum_j dPhi_ij * e_ij``), or taken from ``features`` (what
+    :func:`rbf_bank_features` returned for these arguments) when the caller has them already; with ``h = -2 gamma_i
+    dL/dArg`` (the exponent's gradient), ``dL/dc_i = c_i sum_j h_ij - sum_j h_ij z_j`` and ``dL/dz_j = z_j sum_i
+    h_ij - sum_i h_ij c_i``, each pair of sums one matrix product with a column of ones appended."""
+    gamma, e, phi = features if features is not None else rbf_bank_features(z, centres, log_gamma)
     if basis == "mixed":
         s = z.shape[-2] ** -0.5
         grad_w = (grad @ phi.mT).mul_(s)

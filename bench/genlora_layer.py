@@ -1,0 +1,85 @@
+"""Where a GenLoRA layer's eager training time goes: one layer's forward and backward, split into its parts.
+
+Per layer shape of the Llama setup of ``bench/eager.py`` (hidden 1024: ``q``/``o`` 1024 x 1024, ``k``/``v`` 256 x
+1024, ``gate``/``up`` 2816 x 1024, ``down`` 1024 x 2816), ``--tokens`` rows (default 256 = 2 x 128), fp32:
+
+* ``frozen``: ``x @ W0.T`` with the input gradient only (the floor of any adapter);
+* ``lora8``, ``lora32``: peft's form, ``x @ W0.T + s * (x @ A.T) @ B.T``, at r = 8 and at GenLoRA's default r = 32,
+  with the factors' gradients: what the rank-``r`` matmuls cost;
+* ``genlora``: lsrfx's eager GenLoRA layer (``GenLoRALinear``, r = 32, its default basis), synthesis included;
+* ``banks``: the synthesis alone, both banks forward and backward as the layer runs them.
+
+Medians of interleaved rounds (``bench/common.py``), ms per layer step, and the excess over ``lora8``. Load average
+printed before and after; above 1.5 the figures mean nothing.
+
+    python bench/genlora_layer.py                 # every shape, 200 rounds
+    python bench/genlora_layer.py --rounds 5      # smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import torch
+
+import lsrfx
+from lsrfx.kernels.genlora_linear import GenLoRALinear
+from lsrfx.kernels.rbf_bank import rbf_bank_backward_values, rbf_bank_features, weigh_features
+
+from common import interleaved_medians  # bench/ is on sys.path when run as a script
+
+SHAPES = {"q/o": (1024, 1024), "k/v": (256, 1024), "gate/up": (2816, 1024), "down": (1024, 2816)}
+
+
+def runs_for(d_out: int, d_in: int, tokens: int) -> dict:
+    """One callable per variant, each a whole forward and backward of one layer."""
+    torch.manual_seed(0)
+    x = torch.randn(tokens, d_in, requires_grad=True)
+    w0 = torch.randn(d_out, d_in) * d_in**-0.5
+    grad = torch.randn(tokens, d_out)
+    linear = torch.nn.Linear(d_in, d_out, bias=False)
+    adapter = lsrfx.adapt(torch.nn.Sequential(linear), method="genlora", targets=["0"])
+    module = next(m for m in adapter.modules() if hasattr(m, "banks"))
+    bank_a, bank_b = module.banks()
+    scale, basis = module.scale, module.basis
+
+    def lora(r: int):
+        a = torch.randn(r, d_in, requires_grad=True)
+        b = torch.randn(d_out, r, requires_grad=True)
+        return lambda: (x @ w0.t() + (x @ a.t()) @ b.t() * scale).backward(grad)
+
+    @torch.no_grad()  # as inside the layer's autograd.Function
+    def banks() -> None:
+        for bank, n in ((bank_a, d_in), (bank_b, d_out)):
+            features = rbf_bank_features(*bank[:3])
+            weigh_features(features[2], bank[3], basis)
+            rbf_bank_backward_values(torch.ones(module.rank, n), *bank, basis, features)
+
+    return {
+        "frozen": lambda: (x @ w0.t()).backward(grad),
+        "lora8": lora(8),
+        "lora32": lora(32),
+        "genlora": lambda: GenLoRALinear.apply(x, w0, None, scale, basis, *bank_a, *bank_b).backward(grad),
+        "banks": banks,
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tokens", type=int, default=256)
+    p.add_argument("--rounds", type=int, default=200)
+    p.add_argument("--warmup", type=int, default=10)
+    args = p.parse_args()
+    print(f"load before {os.getloadavg()[0]:.2f}, {torch.get_num_threads()} threads, {args.tokens} tokens")
+    print(f"{'layer':8s} " + " ".join(f"{k:>8s}" for k in ("frozen", "lora8", "lora32", "genlora", "banks"))
+          + "   genlora - lora8")
+    for name, (d_out, d_in) in SHAPES.items():
+        ms = {k: v * 1e3 for k, v in interleaved_medians(runs_for(d_out, d_in, args.tokens), args.rounds,
+                                                         args.warmup).items()}
+        print(f"{name:8s} " + " ".join(f"{v:8.2f}" for v in ms.values()) + f"   {ms['genlora'] - ms['lora8']:+.2f} ms")
+    print(f"load after {os.getloadavg()[0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
