@@ -13,7 +13,8 @@ cost), ``peft`` (peft LoRA r = 8, alpha 8), and ``lora``, ``lsr``, ``condlora``,
 LoRA r = 8, alpha 8). ``--mode eager`` runs them eagerly (lsrfx's low-rank path); ``--formed`` adds each method
 through the formed weight ``linear(x, W0 + dW)`` (``lsrfx.adapted_layer.formed_weight_path``: what lsrfx ran
 before the low-rank path); ``--before`` adds ``condlora-separate`` (CondLoRA's factor products of their own, as
-before its stacked form, eager or compiled) and, eagerly, ``genlora-op`` (GenLoRA's generic low-rank path with the
+before its stacked form, eager or compiled), ``condlora-unblocked`` (stacked, but a non-square layer's two products
+of ``W0`` each a whole pass over it, as before ``products_sharing_w``) and, eagerly, ``genlora-op`` (GenLoRA's generic low-rank path with the
 RBF banks through the custom op, as before ``GenLoRALinear``);
 ``--mode compiled`` runs every variant under ``torch.compile`` in this one process (Dynamo's recompile limit
 raised, or variants past the eighth would silently run eager).
@@ -107,8 +108,8 @@ def make_variant(key: str, setup: str, args: argparse.Namespace) -> tuple[nn.Mod
     model.train()
     if args.mode == "compiled":
         model = torch.compile(model)
-    context = {"formed": formed_weight_path, "separate": separate_products, "op": banks_through_the_op}.get(
-        form, nullcontext)
+    context = {"formed": formed_weight_path, "separate": separate_products, "unblocked": unblocked_products,
+               "op": banks_through_the_op}.get(form, nullcontext)
     return model, batch, context
 
 
@@ -123,6 +124,20 @@ def separate_products() -> Iterator[None]:
         yield
     finally:
         condlora_linear.stacking_pays = rule
+
+
+@contextmanager
+def unblocked_products() -> Iterator[None]:
+    """A stacked non-square CondLoRA layer's two products of ``W0`` each a whole pass over it, as before
+    ``products_sharing_w`` took ``W0`` in cache blocks (``--before``; the op's body reads the bound at run time, so
+    compiled steps follow it too)."""
+    from lsrfx.kernels import condlora_linear
+
+    bound, condlora_linear.CACHE_BLOCK_BYTES = condlora_linear.CACHE_BLOCK_BYTES, 1 << 62
+    try:
+        yield
+    finally:
+        condlora_linear.CACHE_BLOCK_BYTES = bound
 
 
 @contextmanager
@@ -198,9 +213,10 @@ def main() -> None:
     p.add_argument("--methods", nargs="+", default=list(METHODS))
     p.add_argument("--formed", action="store_true", help="add each method through the formed weight")
     p.add_argument("--before", action="store_true",
-                   help="add condlora-separate (factor products of their own, eager or compiled) and, eagerly, "
-                        "genlora-op (the generic path, banks through the custom op): the forms before "
-                        "CondLoRALinear / condlora_linear and GenLoRALinear")
+                   help="add condlora-separate (factor products of their own, eager or compiled), "
+                        "condlora-unblocked (W0 not taken in cache blocks) and, eagerly, genlora-op (the generic "
+                        "path, banks through the custom op): the forms before CondLoRALinear / condlora_linear, "
+                        "products_sharing_w and GenLoRALinear")
     p.add_argument("--peak", action="store_true", help="peak RSS per variant, one fresh process each")
     p.add_argument("--product-bound", type=int, default=None,
                    help="compiled mode: the cost model's SMALL_PRODUCT_FLOPS for this run (CondLoRA's small factor "
@@ -216,7 +232,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     keys = ["floor", "peft", *args.methods] + ([f"{m}-formed" for m in args.methods] if args.formed else [])
     if args.before:  # compiled, GenLoRA's banks are the op either way
-        before = [("condlora", "condlora-separate")] + ([("genlora", "genlora-op")] if args.mode == "eager" else [])
+        before = [("condlora", "condlora-separate"), ("condlora", "condlora-unblocked")] + (
+            [("genlora", "genlora-op")] if args.mode == "eager" else [])
         keys += [k for m, k in before if m in args.methods]
     if args.only:
         peak_one(args.only, args)

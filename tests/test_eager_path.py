@@ -369,3 +369,60 @@ def test_genlora_backward_computes_each_banks_features_once(basis: str) -> None:
         want_grads = torch.autograd.grad(want.square().sum(), params)
     for g, w in zip(grads, want_grads, strict=True):
         torch.testing.assert_close(g, w)
+
+
+class RecordBaseRegions(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records, for each matrix product that reads a given weight's storage, the set of the weight's elements it
+    reads (``None`` between the forward and the backward is up to the caller)."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.ptr, self.numel, self.regions = weight.untyped_storage().data_ptr(), weight.numel(), []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        aten = torch.ops.aten
+        if func in (aten.mm.default, aten.mm.out, aten.addmm.default, aten.addmm_.default):
+            for a in args:
+                if isinstance(a, torch.Tensor) and a.untyped_storage().data_ptr() == self.ptr:
+                    index = torch.arange(self.numel).as_strided(a.shape, a.stride(), a.storage_offset())
+                    self.regions.append(frozenset(index.flatten().tolist()))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize(("d_out", "d_in", "blocked"), [(256, 16, "forward"), (16, 256, "backward")])
+def test_condlora_non_square_products_share_one_pass_over_w0_in_cache_blocks(d_out: int, d_in: int, blocked: str,
+                                                                            monkeypatch) -> None:
+    """A non-square stacked CondLoRA layer has two products of ``W0`` each way (the stacked base product and
+    ``A = C_A @ W0``, or their gradients), contracting different axes. Along ``W0``'s long axis they take ``W0`` in
+    blocks that fit in cache, each block serving both products back to back, so ``W0`` comes from memory once; the
+    other direction keeps two whole products (blocking there costs more than it saves). Values and gradients are
+    the formed-weight path's."""
+    from lsrfx.kernels import condlora_linear
+
+    monkeypatch.setattr(condlora_linear, "CACHE_BLOCK_BYTES", 64 * 16 * 4, raising=False)  # blocks of 64 x 16
+    monkeypatch.setattr(condlora_linear, "stacking_pays", lambda *shape: True)
+    torch.manual_seed(0)
+    model = lsrfx.adapt(nn.Sequential(nn.Linear(d_in, d_out)), method="condlora", targets=["0"], r=4)
+    perturb(model)
+    x = torch.randn(2, 5, d_in, requires_grad=True)
+    params = [x, *(p for p in model.parameters() if p.requires_grad)]
+    w0 = base_weight(model[0])
+    with RecordBaseRegions(w0) as forward:
+        out = model(x)
+    with RecordBaseRegions(w0) as backward:
+        grads = torch.autograd.grad(out, params, torch.ones_like(out))
+    whole = frozenset(range(w0.numel()))
+    for direction, regions in (("forward", forward.regions), ("backward", backward.regions)):
+        if direction != blocked:
+            assert regions == [whole, whole]
+            continue
+        assert len(regions) == 2 * 4  # four blocks of 64 x 16, each read by both products in turn
+        assert all(len(region) == 64 * 16 for region in regions)
+        assert regions[0::2] == regions[1::2]
+        assert frozenset().union(*regions) == whole
+    with formed_weight_path():
+        want = model(x)
+        want_grads = torch.autograd.grad(want, params, torch.ones_like(want))
+    torch.testing.assert_close(out, want)
+    for g, w in zip(grads, want_grads, strict=True):
+        torch.testing.assert_close(g, w)

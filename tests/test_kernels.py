@@ -555,12 +555,19 @@ def test_compiled_fused_layer_launches():
     torch._dynamo.reset()
 
 
-@pytest.mark.parametrize(("d_out", "d_in", "transposed"), [(12, 12, False), (8, 12, False), (12, 8, True)])
-def test_condlora_linear_op_matches_dense_math(d_out, d_in, transposed):
+@pytest.mark.parametrize(("d_out", "d_in", "transposed", "blocked"), [
+    (12, 12, False, False), (8, 12, False, False), (12, 8, True, False),
+    (130, 12, False, True), (12, 130, True, True)])  # W0 in cache blocks (of 64, a short last one) one way
+def test_condlora_linear_op_matches_dense_math(d_out, d_in, transposed, blocked, monkeypatch):
     """``lsrfx::condlora_linear`` against CondLoRA's layer written densely (``A = C_A W0^T`` or ``C_A' W0``,
     ``B = W0 C_B^T``) in float64, gradients by autograd through the dense form, and ``opcheck`` (fake functions,
-    autograd registration)."""
+    autograd registration); ``blocked``: a non-square ``W0`` taken in cache blocks by both products along its long
+    axis (:func:`lsrfx.kernels.condlora_linear.products_sharing_w`)."""
+    from lsrfx.kernels import condlora_linear
     from lsrfx.kernels.condlora_linear import CondLoRALinear
+
+    if blocked:
+        monkeypatch.setattr(condlora_linear, "CACHE_BLOCK_BYTES", 1)
 
     r, square = 3, d_in == d_out
     w = torch.randn(d_out, d_in, dtype=torch.float64)

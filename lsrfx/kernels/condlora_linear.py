@@ -5,9 +5,10 @@ CondLoRA's factors are products of the frozen ``W0`` with the shared pair: skinn
 ``W0`` forward and again backward, beside the base matmul's own pass. Every product that contracts ``W0`` along the
 base matmul's axis is stacked onto it instead: forward ``[x; C_A; C_B] @ W0.T`` gives the base output, ``A`` (square
 layers) and ``B.T``; backward ``[dY; dA; dB.T] @ W0`` gives the input gradient and the pair's gradients. A square
-layer then reads ``W0`` once each way, as a frozen linear layer does; a non-square one twice, because its
-``A = C_A @ W0`` contracts the other axis and stays a product of its own. The stack copies the activations, so it
-pays only with few tokens per step (:func:`stacking_pays`).
+layer then reads ``W0`` once each way, as a frozen linear layer does. A non-square one keeps a second product each
+way, because its ``A = C_A @ W0`` (and that product's gradient) contracts the other axis; along ``W0``'s long axis
+the two products share one pass over it from memory, block by cached block (:func:`products_sharing_w`). The stack
+copies the activations, so it pays only with few tokens per step (:func:`stacking_pays`).
 
 Two entry points share the bodies (:func:`condlora_forward`, :func:`condlora_backward`): :class:`CondLoRALinear`, a
 plain ``autograd.Function`` for eager training (``CondLoRAAdapter.eager_linear``), and the op with its backward op
@@ -29,6 +30,31 @@ def stacking_pays(tokens: int, d_in: int, d_out: int) -> bool:
     return tokens * (d_in + d_out) < d_in * d_out
 
 
+CACHE_BLOCK_BYTES = 1 << 20  # a block of W0 this large stays in a core's L2 cache between the two products
+
+
+def products_sharing_w(s: Tensor, w: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
+    """``(s @ w.T, c @ w)``: a non-square layer's two products of ``W0`` in one direction (forward ``w = W0``:
+    the stacked base output and ``A = C_A @ W0``; backward ``w = W0.T``: the stacked input gradient and ``C_A``'s).
+    Their contractions run along different axes of ``w``, so they cannot share one matrix product; but when ``w``
+    has more rows than columns and does not fit in cache, they share one pass over it from memory: ``w`` is taken
+    in blocks of rows of about :data:`CACHE_BLOCK_BYTES`, and each block serves both products while cached (the
+    first writes its block of columns of ``s @ w.T``, the second accumulates). Otherwise (``w`` small, or wide: the
+    blocks of the first product would then be narrow ones with a long contraction, which BLAS runs slower than the
+    extra pass costs), or off the CPU, two plain products."""
+    n, k = w.shape
+    rows = max(64, CACHE_BLOCK_BYTES // (k * w.element_size()) // 16 * 16)
+    if w.device.type != "cpu" or n <= k or rows >= n:
+        return s @ w.t(), c @ w
+    y = s.new_empty(s.shape[0], n)
+    z = c.new_zeros(c.shape[0], k)
+    for i in range(0, n, rows):
+        block = w[i:i + rows]
+        torch.mm(s, block.t(), out=y[:, i:i + rows])
+        z.addmm_(c[:, i:i + rows], block)
+    return y, z
+
+
 def condlora_forward(x: Tensor, w0: Tensor, bias: Tensor | None, c_a: Tensor, c_b: Tensor, scale: float,
                      square: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(out, A, B.T, u = x @ A.T)`` for the logical ``w0`` (``d_out x d_in``); ``out`` has ``x``'s leading
@@ -36,9 +62,12 @@ def condlora_forward(x: Tensor, w0: Tensor, bias: Tensor | None, c_a: Tensor, c_
     that is a view of a tensor made inside may not be edited in place downstream."""
     x2 = x.reshape(-1, x.shape[-1])
     t, r = x2.shape[0], c_b.shape[0]
-    y = torch.cat([x2, c_a, c_b] if square else [x2, c_b]) @ w0.t()  # (t + 2r or t + r, d_out)
+    if square:
+        y = torch.cat([x2, c_a, c_b]) @ w0.t()  # (t + 2r, d_out)
+        a = y[t:t + r].clone()  # (r x d_in)
+    else:
+        y, a = products_sharing_w(torch.cat([x2, c_b]), w0, c_a)  # (t + r, d_out), A = C_A @ W0
     bt = y[-r:].clone()  # B.T (r x d_out)
-    a = y[t:t + r].clone() if square else c_a @ w0  # (r x d_in)
     d_out = y.shape[1]
     out = y.resize_(t, d_out)  # the base output: the first t rows, in y's storage
     u = x2 @ a.t()  # (t, r)
@@ -58,9 +87,12 @@ def condlora_backward(grad: Tensor, x: Tensor, w0: Tensor, a: Tensor, bt: Tensor
     grad_bt = (u.t() @ g).mul_(scale)  # (r, d_out)
     grad_u = (g @ bt.t()).mul_(scale)  # (t, r)
     grad_a = grad_u.t() @ x2  # (r, d_in)
-    stacked = torch.cat([g, grad_a, grad_bt] if square else [g, grad_bt]) @ w0  # (t + 2r or t + r, d_in)
+    if square:
+        stacked = torch.cat([g, grad_a, grad_bt]) @ w0  # (t + 2r, d_in)
+        grad_c_a = stacked[t:t + r].clone()
+    else:
+        stacked, grad_c_a = products_sharing_w(torch.cat([g, grad_bt]), w0.t(), grad_a)  # (t + r, d_in), (r, d_out)
     grad_c_b = stacked[-r:].clone()
-    grad_c_a = stacked[t:t + r].clone() if square else grad_a @ w0.t()
     grad_x = stacked.resize_(t, stacked.shape[1]).addmm_(grad_u, a).resize_(x.shape)
     return grad_x, g.sum(0) if need_bias else g.new_empty(0), grad_c_a, grad_c_b
 
