@@ -14,7 +14,8 @@ LoRA r = 8, alpha 8). ``--mode eager`` runs them eagerly (lsrfx's low-rank path)
 through the formed weight ``linear(x, W0 + dW)`` (``lsrfx.adapted_layer.formed_weight_path``: what lsrfx ran
 before the low-rank path); ``--before`` adds ``condlora-separate`` (CondLoRA's factor products of their own, as
 before its stacked form, eager or compiled), ``condlora-unblocked`` (stacked, but a non-square layer's two products
-of ``W0`` each a whole pass over it, as before ``products_sharing_w``) and, eagerly, ``genlora-op`` (GenLoRA's generic low-rank path with the
+of ``W0`` each a whole pass over it, as before ``products_sharing_w``: the same model as ``condlora``, switched
+per step) and, eagerly, ``genlora-op`` (GenLoRA's generic low-rank path with the
 RBF banks through the custom op, as before ``GenLoRALinear``);
 ``--mode compiled`` runs every variant under ``torch.compile`` in this one process (Dynamo's recompile limit
 raised, or variants past the eighth would silently run eager).
@@ -257,7 +258,10 @@ def main() -> None:
         if args.before:  # condlora-separate's form is chosen at compile time: no cached graph may stand in for it
             torch._inductor.config.fx_graph_cache = False
             torch._functorch.config.enable_autograd_cache = False
-    variants = {k: make_variant(k, args.setup, args) for k in keys}
+    variants = {k: make_variant(k, args.setup, args) for k in keys if not k.endswith("-unblocked")}
+    for k in keys:  # a run-time switch only: the same model (and compiled code) as its method, switched per step
+        if k.endswith("-unblocked"):
+            variants[k] = (*variants[k.partition("-")[0]][:2], unblocked_products)
     kept = {k: kept_bytes(*v) / 2**20 for k, v in variants.items()} if args.mode == "eager" else {}
     steps = {k: step_fn(*v) for k, v in variants.items()}
     med = {k: s * 1000 for k, s in interleaved_medians(steps, args.rounds, args.warmup).items()}
