@@ -426,3 +426,40 @@ def test_condlora_non_square_products_share_one_pass_over_w0_in_cache_blocks(d_o
     torch.testing.assert_close(out, want)
     for g, w in zip(grads, want_grads, strict=True):
         torch.testing.assert_close(g, w)
+
+
+class CountWideElementwise(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts multiplications whose result has a given last dimension (the layer's output width)."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.width, self.count = width, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func._overloadpacket in (torch.ops.aten.mul, torch.ops.aten.mul_) and out.shape[-1] == self.width:
+            self.count += 1
+        return out
+
+
+@pytest.mark.parametrize(("method", "options"), [("lora", {"r": 4, "alpha": 8.0}), ("lsr", {})])
+def test_the_adapter_scale_multiplies_the_rank_r_product(method: str, options: dict) -> None:
+    """A scaled adapter (LoRA with ``alpha != r``, LSR-Adapt) applies its scale to ``x @ A.T`` (``tokens x r``), not
+    to the ``tokens x d_out`` result: no multiplication of the layer's output width forward or backward (the
+    backward of a scaled result multiplies its whole gradient). Values and gradients are the formed path's."""
+    torch.manual_seed(0)
+    model = lsrfx.adapt(nn.Sequential(nn.Linear(40, 36)), method=method, targets=["0"], **options)
+    perturb(model)
+    assert model[0].parametrizations.weight[0].adapter.scale != 1
+    x = torch.randn(2, 9, 40, requires_grad=True)
+    params = [x, *(p for p in model.parameters() if p.requires_grad)]
+    with CountWideElementwise(36) as counter:
+        out = model(x)
+        grads = torch.autograd.grad(out, params, torch.ones_like(out))
+    assert counter.count == 0
+    with formed_weight_path():
+        want = model(x)
+        want_grads = torch.autograd.grad(want, params, torch.ones_like(want))
+    torch.testing.assert_close(out, want)
+    for g, w in zip(grads, want_grads, strict=True):
+        torch.testing.assert_close(g, w)
