@@ -4,9 +4,10 @@ by RBF banks (:mod:`lsrfx.kernels.rbf_bank`), keeping only the parameters of the
 Through the generic low-rank path, autograd keeps the synthesised factors from forward to backward (``r x (d_in +
 d_out)`` values per layer: at GenLoRA's default r = 32, four times what LoRA's saved activations add per token of
 rank). The factors are cheap to synthesise again, so :class:`GenLoRALinear` saves ``x``, ``x @ A.T`` and the
-banks' parameters and forms ``A`` and ``B`` anew in the backward from the RBF features the banks' gradients are
-made from, so the backward computes each bank's features once, as the bank's own backward alone would. Used by ``GenLoRAAdapter.eager_linear`` when every tensor is a
-plain one of one dtype outside autocast; under ``torch.compile`` the layer is fused by the pass as before.
+banks' parameters and forms ``A`` and ``B`` anew in the backward, from the same RBF features as the banks'
+gradients: each bank's features are computed once there, as the bank's own backward alone would. Used by
+``GenLoRAAdapter.eager_linear`` when every tensor is a plain one of one dtype outside autocast; under
+``torch.compile`` the layer is fused by the pass as before.
 """
 
 from __future__ import annotations
