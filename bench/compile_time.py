@@ -19,7 +19,10 @@ so nothing is reused from an earlier run: FX graph, AOTAutograd and C++ kernel c
 * **step ms**: median of ``--steps`` compiled steps after it (indicative only: one process per variant, not
   interleaved; bench/train_step.py and bench/eager.py measure step time properly);
 * **graphs**, **breaks**: Dynamo graphs compiled and graph breaks; ``fused`` the adapted nodes the lsrfx pass fused
-  or merged (``counters["lsrfx"]``).
+  or merged (``counters["lsrfx"]``);
+* with ``--phases``, the seconds of the cold step spent in each compile phase (:data:`PHASES`, from
+  ``torch._dynamo.utils.compile_times``; phases nest, so they do not add up to the cold time), per variant and as the
+  difference from peft's: where a method's extra compile time goes.
 
 Then a second fresh process on the same, now warm, cache directory times its first step again: **warm s**. **x peft**
 is a variant's cold time over peft's whole-model cold time at the same depth (the issue's targets: every lsrfx
@@ -28,6 +31,7 @@ beside it: compile time is CPU-bound and other processes inflate it.
 
     python bench/compile_time.py --out bench/results/compile_time_1024.txt       # every variant, 4/8/16, both modes
     python bench/compile_time.py --layers 16 --modes blocks --methods peft lsr genlora
+    python bench/compile_time.py --layers 16 --modes whole --methods peft lora genlora --no-warm --phases
     python bench/compile_time.py --hidden 64 --layers 1 2 --seq 16 --steps 1      # smoke run
 """
 
@@ -48,6 +52,12 @@ VARIANTS_BEFORE = ["floor", "peft"]
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 WHOLE_TARGET = 1.10  # every lsrfx method's cold whole-model first step <= this x peft's, at every depth
 BLOCKS_DEPTH = 16  # per-block: the cold first step at this depth below peft's whole-model one
+# Compile phases reported by --phases (names of torch._dynamo.utils.compile_times): Dynamo's tracing of the Python
+# (and the variables it builds for each parameter), AOTAutograd's joint trace and partition, Inductor's lowering,
+# scheduling and C++ compilation, and the forward and backward compilers around them.
+PHASES = ["bytecode_tracing", "variable_builder_call", "aot_trace_joint_graph", "min_cut_rematerialization_partition",
+          "GraphLowering.run", "Scheduler.codegen", "compile_file", "compile_fx.<locals>.fw_compiler_base",
+          "compile_fx.<locals>.bw_compiler"]
 
 
 def _descendants(pid: int) -> list[int]:
@@ -130,7 +140,12 @@ def child(args: argparse.Namespace) -> dict:
         t0 = time.perf_counter()
         step()
         times.append(time.perf_counter() - t0)
+    from torch._dynamo.utils import compile_times
+
+    names, seconds = compile_times(repr="csv", aggregate=True)
+    phases = {n: float(v) for n, v in zip(names, seconds, strict=True) if n in PHASES}
     return {"variant": variant, "mode": args.modes[0], "layers": args.layers[0], "first_s": cold, "cpu_s": cpu,
+            "phases": phases,
             "step_ms": 1e3 * statistics.median(times) if times else float("nan"), "graphs": graphs,
             "later_graphs": counters["stats"]["unique_graphs"] - graphs,
             "breaks": sum(counters["graph_break"].values()),
@@ -168,6 +183,19 @@ def table(rows: list[dict]) -> list[str]:
     return lines
 
 
+def phase_table(rows: list[dict]) -> list[str]:
+    """Seconds per compile phase of each cold step, and the difference from peft's in the same mode and depth."""
+    peft = {(r["mode"], r["layers"]): r["phases"] for r in rows if r["variant"] == "peft"}
+    lines = ["| variant | mode | layers | " + " | ".join(p.replace("compile_fx.<locals>.", "") for p in PHASES) + " |",
+             "|---|---|---|" + "---:|" * len(PHASES)]
+    for r in rows:
+        base = peft.get((r["mode"], r["layers"]), {})
+        cells = [f"{r['phases'].get(p, 0.0):.1f}" + (f" ({r['phases'].get(p, 0.0) - base.get(p, 0.0):+.1f})"
+                                                     if base and r["variant"] != "peft" else "") for p in PHASES]
+        lines.append(f"| {r['variant']} | {r['mode']} | {r['layers']} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
 def verdicts(rows: list[dict]) -> list[str]:
     peft = {r["layers"]: r["first_s"] for r in rows if r["variant"] == "peft" and r["mode"] == "whole"}
     out = []
@@ -202,6 +230,7 @@ def main() -> None:
     parser.add_argument("--no-warm", action="store_true", help="skip the warm-cache run")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per process")
     parser.add_argument("--out", type=Path, default=None, help="also write the report here")
+    parser.add_argument("--phases", action="store_true", help="also report seconds per compile phase")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -233,7 +262,7 @@ def main() -> None:
                       f", warm {row['warm_s'] if row['warm_s'] is None else round(row['warm_s'], 1)} s, "
                       f"step {row['step_ms']:.0f} ms, graphs {row['graphs']}, breaks {row['breaks']}", flush=True)
                 rows.append(row)
-    report = [header, "", *table(rows), "", *verdicts(rows),
+    report = [header, "", *table(rows), "", *(phase_table(rows) if args.phases else []), *verdicts(rows),
               f"load average {os.getloadavg()[0]:.2f} at end (above ~1.5 beside this run the times mean little)"]
     print("\n".join(report))
     if args.out:
