@@ -177,18 +177,10 @@ def lowrank_forward(module: nn.Module, param: AdaptedWeight, x: Tensor) -> Tenso
             return out
     out = base_output(module, param, x)
     a, b = factors(module, param)
-    delta = F.linear(scaled_projection(x.to(a.dtype), a, param.adapter.scale), b)
+    delta = F.linear(F.linear(x.to(a.dtype), a), b)
     if param.quantized:  # torchao's output is a view autograd forbids editing in place
-        return out + delta.to(out.dtype)
-    return out.add_(delta)  # in place: nothing saves the base output for the backward
-
-
-def scaled_projection(x: Tensor, a: Tensor, scale: float) -> Tensor:
-    """``scale * (x @ A.T)``: the adapter's scale applied to the ``tokens x r`` product rather than to the
-    ``tokens x d_out`` result, so neither pass multiplies a tensor of the layer's output width (the backward of a
-    scaled result would)."""
-    u = F.linear(x, a)
-    return u if scale == 1 else u.mul_(scale)  # in place: the matmul's backward does not need its output
+        return out + (delta * param.adapter.scale).to(out.dtype)
+    return out.add_(delta, alpha=param.adapter.scale)  # in place: nothing saves the base output for the backward
 
 
 def quantized_compiled_forward(module: nn.Module, param: AdaptedWeight, x: Tensor) -> Tensor:
@@ -197,7 +189,8 @@ def quantized_compiled_forward(module: nn.Module, param: AdaptedWeight, x: Tenso
     w0 = base_weight(module)
     a, b = param.adapter.factors(dense(w0) if param.adapter.reads_base_weight else w0)
     out = F.linear(x, w0, module.bias)
-    return out + F.linear(scaled_projection(x.to(a.dtype), a, param.adapter.scale), b).to(out.dtype)
+    delta = F.linear(F.linear(x.to(a.dtype), a), b)
+    return out + (delta * param.adapter.scale).to(out.dtype)
 
 
 class FrozenLinear(torch.autograd.Function):
