@@ -35,6 +35,7 @@ Load average is printed before and after; above 1.5 the timings mean nothing (ru
 
     python bench/eager.py --setup llama --rounds 5 --warmup 2                 # eager, Llama all-seven at 1024
     python bench/eager.py --setup llama --rounds 5 --formed                   # plus the old formed-weight path
+    python bench/eager.py --setup llama --rounds 11 --warmup 2 --repeat 3     # three processes, medians of ratios
     python bench/eager.py --setup llama --rounds 9 --methods condlora genlora --before   # A/B of the eager forms
     python bench/eager.py --setup llama --mode compiled --methods lora condlora --before  # and of the compiled ones
     python bench/eager.py --setup bert --rounds 5
@@ -49,6 +50,7 @@ from __future__ import annotations
 import argparse
 import os
 import resource
+import statistics
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -203,6 +205,24 @@ def peak_one(key: str, args: argparse.Namespace) -> None:
     print(f"PEAK {key} {rss_mb() - before:.1f}")
 
 
+def repeated(times: int) -> None:
+    """``--repeat``: this benchmark ``times`` times, each in a fresh process (its own output shown), then every
+    variant's ``x peft`` per run and their median."""
+    argv = [*sys.argv[1:], "--repeat", "1"]  # argparse keeps the last value given
+    ratios: dict[str, list[float]] = {}
+    for run in range(times):
+        out = subprocess.run([sys.executable, __file__, *argv], capture_output=True, text=True, check=True).stdout
+        print(f"# run {run + 1} of {times}\n{out}", flush=True)
+        table = out.split("x floor", 1)[1].splitlines()[1:]
+        for line in table:
+            words = line.split()
+            if len(words) >= 3 and not line.startswith("load"):
+                ratios.setdefault(words[0], []).append(float(words[2]))
+    print(f"x peft over {times} runs, each run's and the median:")
+    for key, values in ratios.items():
+        print(f"{key:18s} " + " ".join(f"{v:5.2f}" for v in values) + f"   median {statistics.median(values):.2f}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--setup", choices=["llama", "bert"], default="llama")
@@ -222,8 +242,14 @@ def main() -> None:
     p.add_argument("--product-bound", type=int, default=None,
                    help="compiled mode: the cost model's SMALL_PRODUCT_FLOPS for this run (CondLoRA's small factor "
                         "products generated as reductions up to it; 0: always BLAS calls)")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="run the whole benchmark this many times, each in a fresh process, and report every run's "
+                        "ratios and their median (a single process's ratios move by up to 0.1 between processes)")
     p.add_argument("--only", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.repeat > 1 and not (args.only or args.peak):
+        repeated(args.repeat)
+        return
     if args.product_bound is not None:
         from lsrfx.passes import cost_model
 
