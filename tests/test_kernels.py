@@ -588,3 +588,20 @@ def test_condlora_linear_op_matches_dense_math(d_out, d_in, transposed, blocked,
         for g, expected in zip(torch.autograd.grad(out, leaves, grad), want_grads, strict=True):
             torch.testing.assert_close(g, expected)
     torch.library.opcheck(torch.ops.lsrfx.condlora_linear, args)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_condlora_blocked_products_round_half_precision_once(dtype, monkeypatch):
+    """In half precision the products sharing ``W0`` block by block (64 blocks here) sum their blocks in float32 and
+    round once, as one product would: their error against float64 stays within twice the one product's (summed in
+    the half dtype, each block's rounding adds up to several times it)."""
+    from lsrfx.kernels import condlora_linear
+
+    monkeypatch.setattr(condlora_linear, "CACHE_BLOCK_BYTES", 1)
+    torch.manual_seed(0)
+    s, w, c = torch.randn(20, 64, dtype=dtype), torch.randn(4096, 64, dtype=dtype), torch.randn(3, 4096, dtype=dtype)
+    y, z = condlora_linear.products_sharing_w(s, w, c)
+    exact = c.double() @ w.double()
+    one_product = ((c @ w).double() - exact).abs().max()
+    assert z.dtype == dtype and (z.double() - exact).abs().max() <= 2 * one_product
+    torch.testing.assert_close(y, s @ w.t())

@@ -47,12 +47,18 @@ def products_sharing_w(s: Tensor, w: Tensor, c: Tensor) -> tuple[Tensor, Tensor]
     if w.device.type != "cpu" or n <= k or rows >= n:
         return s @ w.t(), c @ w
     y = s.new_empty(s.shape[0], n)
-    z = c.new_zeros(c.shape[0], k)
+    half = w.dtype in (torch.float16, torch.bfloat16)
+    # A half-precision sum over blocks would round once per block; it is kept in float32 and rounded once, as one
+    # product's would be.
+    z = c.new_zeros(c.shape[0], k, dtype=torch.float32 if half else c.dtype)
     for i in range(0, n, rows):
         block = w[i:i + rows]
         torch.mm(s, block.t(), out=y[:, i:i + rows])
-        z.addmm_(c[:, i:i + rows], block)
-    return y, z
+        if half:
+            z.add_(c[:, i:i + rows] @ block)
+        else:
+            z.addmm_(c[:, i:i + rows], block)
+    return y, z.to(w.dtype)
 
 
 def condlora_forward(x: Tensor, w0: Tensor, bias: Tensor | None, c_a: Tensor, c_b: Tensor, scale: float,
