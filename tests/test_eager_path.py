@@ -373,7 +373,7 @@ def test_genlora_backward_computes_each_banks_features_once(basis: str) -> None:
 
 class RecordBaseRegions(torch.utils._python_dispatch.TorchDispatchMode):
     """Records, for each matrix product that reads a given weight's storage, the set of the weight's elements it
-    reads (``None`` between the forward and the backward is up to the caller)."""
+    reads (each argument's shape, strides and offset mapped onto the storage)."""
 
     def __init__(self, weight: torch.Tensor) -> None:
         super().__init__()
@@ -399,7 +399,7 @@ def test_condlora_non_square_products_share_one_pass_over_w0_in_cache_blocks(d_o
     the formed-weight path's."""
     from lsrfx.kernels import condlora_linear
 
-    monkeypatch.setattr(condlora_linear, "CACHE_BLOCK_BYTES", 64 * 16 * 4, raising=False)  # blocks of 64 x 16
+    monkeypatch.setattr(condlora_linear, "CACHE_BLOCK_BYTES", 64 * 16 * 4)  # blocks of 64 x 16
     monkeypatch.setattr(condlora_linear, "stacking_pays", lambda *shape: True)
     torch.manual_seed(0)
     model = lsrfx.adapt(nn.Sequential(nn.Linear(d_in, d_out)), method="condlora", targets=["0"], r=4)
