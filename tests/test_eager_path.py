@@ -42,6 +42,17 @@ def perturb(model: nn.Module) -> None:
                 p.add_(torch.randn(p.shape, generator=g).to(p.dtype) * 0.1)
 
 
+def assert_layer_matches_formed(model: nn.Module, x: torch.Tensor, params: list, out: torch.Tensor, grads: tuple,
+                                loss=torch.sum) -> None:
+    """``out`` and ``grads`` (of ``loss(out)`` with respect to ``params``) equal the formed-weight path's."""
+    with formed_weight_path():
+        want = model(x)
+        want_grads = torch.autograd.grad(loss(want), params)
+    torch.testing.assert_close(out, want)
+    for g, w in zip(grads, want_grads, strict=True):
+        torch.testing.assert_close(g, w)
+
+
 def loss_and_grads(model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     model.zero_grad(set_to_none=True)
     loss = model(**batch).loss
@@ -280,12 +291,7 @@ def test_condlora_shares_the_base_matmuls_pass_over_w0(d_out: int, d_in: int, re
         out = model(x)
         grads = torch.autograd.grad(out, params, torch.ones_like(out))
     assert counter.count == reads
-    with formed_weight_path():
-        want = model(x)
-        want_grads = torch.autograd.grad(want, params, torch.ones_like(want))
-    torch.testing.assert_close(out, want)
-    for g, w in zip(grads, want_grads, strict=True):
-        torch.testing.assert_close(g, w)
+    assert_layer_matches_formed(model, x, params, out, grads)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "bert"])
@@ -328,12 +334,7 @@ def test_genlora_keeps_no_synthesised_factor_for_backward() -> None:
     assert shapes and not {(6, 40), (6, 24), (24, 6), (40, 6)} & set(shapes)
     params = [x, *(p for p in model.parameters() if p.requires_grad)]
     grads = torch.autograd.grad(out.square().sum(), params)
-    with formed_weight_path():
-        want = model(x)
-        want_grads = torch.autograd.grad(want.square().sum(), params)
-    torch.testing.assert_close(out, want)
-    for g, w in zip(grads, want_grads, strict=True):
-        torch.testing.assert_close(g, w)
+    assert_layer_matches_formed(model, x, params, out, grads, lambda t: t.square().sum())
 
 
 class CountFeatureMaps(torch.utils._python_dispatch.TorchDispatchMode):
@@ -364,11 +365,7 @@ def test_genlora_backward_computes_each_banks_features_once(basis: str) -> None:
     with CountFeatureMaps() as backward:
         grads = torch.autograd.grad(out.square().sum(), params)
     assert (forward.count, backward.count) == (2, 2)
-    with formed_weight_path():
-        want = model(x)
-        want_grads = torch.autograd.grad(want.square().sum(), params)
-    for g, w in zip(grads, want_grads, strict=True):
-        torch.testing.assert_close(g, w)
+    assert_layer_matches_formed(model, x, params, out, grads, lambda t: t.square().sum())
 
 
 class RecordBaseRegions(torch.utils._python_dispatch.TorchDispatchMode):
@@ -420,9 +417,4 @@ def test_condlora_non_square_products_share_one_pass_over_w0_in_cache_blocks(d_o
         assert all(len(region) == 64 * 16 for region in regions)
         assert regions[0::2] == regions[1::2]
         assert frozenset().union(*regions) == whole
-    with formed_weight_path():
-        want = model(x)
-        want_grads = torch.autograd.grad(want, params, torch.ones_like(want))
-    torch.testing.assert_close(out, want)
-    for g, w in zip(grads, want_grads, strict=True):
-        torch.testing.assert_close(g, w)
+    assert_layer_matches_formed(model, x, params, out, grads)
