@@ -345,7 +345,8 @@ class CountFeatureMaps(torch.utils._python_dispatch.TorchDispatchMode):
         self.count = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func in (torch.ops.aten.exp.default, torch.ops.aten.exp_.default) and args[0].dim() == 2:
+        aten = torch.ops.aten
+        if func in (aten.exp.default, aten.exp_.default, aten.exp2.default, aten.exp2_.default) and args[0].dim() == 2:
             self.count += 1
         return func(*args, **(kwargs or {}))
 

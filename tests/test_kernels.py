@@ -411,6 +411,43 @@ def test_rbf_bank_op_and_its_gradient_match_the_reference(basis, g):
         torch.library.opcheck(torch.ops.lsrfx.rbf_bank, (z, c, lg, w, basis))
 
 
+class CountMapPasses(torch.utils._python_dispatch.TorchDispatchMode):
+    """Names the operations that read or write a tensor of ``numel`` elements (views excluded): the passes over a
+    bank's ``m x n`` maps."""
+
+    def __init__(self, numel: int) -> None:
+        super().__init__()
+        self.numel, self.passes = numel, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        tensors = torch.utils._pytree.tree_leaves((args, kwargs, out))
+        if not func._schema._is_view_op() and any(isinstance(t, torch.Tensor) and t.numel() == self.numel
+                                                  for t in tensors):
+            self.passes.append(func.__name__)
+        return out
+
+
+@pytest.mark.parametrize(("basis", "forward_passes", "backward_passes"),
+                         [("rbf", 7, 7), ("centred", 9, 10), ("mixed", 7, 7)])
+def test_rbf_bank_bodies_pass_over_the_feature_map_few_times(basis, forward_passes, backward_passes):
+    """The bank's eager bodies touch the ``m x n`` maps as few times as their arithmetic allows (each pass costs a
+    kernel launch and a trip through memory, most of the bank's time): a difference and a fused multiply-add per
+    latent coordinate, one scaling, one exponential and the weighing in the forward; in the backward the per-RBF
+    factors of the exponent's gradient go onto the small results, not onto the map."""
+    from lsrfx.kernels.rbf_bank import rbf_bank_backward_values, rbf_bank_features, rbf_bank_forward
+
+    z, c, lg = torch.randn(40, 2), torch.randn(6, 2), torch.zeros(6)
+    w = torch.randn(5, 6) if basis == "mixed" else torch.randn(6)
+    features, grad = rbf_bank_features(z, c, lg), torch.randn(w.shape[0], 40)
+    with CountMapPasses(6 * 40) as forward:
+        rbf_bank_forward(z, c, lg, w, basis)
+    with CountMapPasses(6 * 40) as backward:
+        rbf_bank_backward_values(grad, z, c, lg, w, basis, features)
+    assert (len(forward.passes), len(backward.passes)) == (forward_passes, backward_passes), (forward.passes,
+                                                                                             backward.passes)
+
+
 def test_factor_ops_are_opaque_to_inductor(uncached_compile):
     """``kron_sum`` and ``rbf_bank`` and their backward ops reach Inductor's output code as calls, with no code
     generated for their bodies (what structured factors used to add to a cold compile)."""
