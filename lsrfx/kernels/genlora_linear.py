@@ -45,8 +45,8 @@ class GenLoRALinear(torch.autograd.Function):
         basis, need = ctx.basis, ctx.needs_input_grad
         # Formed again instead of kept; the features serve both the factor and the bank's gradients.
         features_a, features_b = rbf_bank_features(*a_bank[:3]), rbf_bank_features(*b_bank[:3])
-        a = weigh_features(features_a[2], a_bank[3], basis)
-        bt = weigh_features(features_b[2], b_bank[3], basis)
+        a = weigh_features(features_a.phi, a_bank[3], basis)
+        bt = weigh_features(features_b.phi, b_bank[3], basis)
         g = grad.reshape(-1, grad.shape[-1])
         grad_bt = (u.t() @ g).mul_(ctx.scale)  # (r, d_out)
         grad_u = (g @ bt.t()).mul_(ctx.scale)  # (t, r)

@@ -32,12 +32,14 @@ hold standard ops.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 BASES = ("rbf", "centred", "mixed")
 NEG_LOG2_E = -1 / math.log(2)
+LN_2 = math.log(2)
 
 
 def sq_distances(z: Tensor, centres: Tensor) -> Tensor:
@@ -104,30 +106,44 @@ def rbf_bank_empty(z: Tensor, weights: Tensor, basis: str) -> Tensor:
     return weights.new_empty([*weights.shape[:-2 if basis == "mixed" else -1], r, z.shape[-2]])
 
 
-def _scaled_sq_distances(z: Tensor, centres: Tensor, scale: Tensor) -> Tensor:
-    """``scale_i * ||z_j - centres_i||^2`` as a fresh ``(..., m, n)`` tensor, accumulated in place term by term (a
-    difference and a fused multiply-add per latent coordinate)."""
-    out = torch.sub(centres[..., :, 0, None], z[..., None, :, 0]).square_()
-    for k in range(1, z.shape[-1]):
-        diff = torch.sub(centres[..., :, k, None], z[..., None, :, k])
+def rows_with_ones(t: Tensor) -> Tensor:
+    """``t`` (``(..., k, g)``: latents or centres) as contiguous rows with a row of ones below: ``(..., g + 1, k)``.
+    Each coordinate is then a row of unit stride: a difference against a column of centres reads it several times
+    faster than the strided column ``t[..., j]``, and a product with these rows contracts along unit stride (the
+    ones row gives the same product's row sums). Formed by ``cat``, whose copy of the transpose is faster on CPU
+    than ``contiguous()``'s at these shapes."""
+    return torch.cat([t.mT, t.new_ones(*t.shape[:-2], 1, t.shape[-2])], -2)
+
+
+def _scaled_sq_distances(z_rows: Tensor, centres: Tensor, scale: Tensor) -> Tensor:
+    """``scale_i * ||z_j - centres_i||^2`` as a fresh ``(..., m, n)`` tensor from the latents' rows
+    (:func:`rows_with_ones`), accumulated in place term by term (a difference and a fused multiply-add per latent
+    coordinate)."""
+    out = torch.sub(centres[..., :, 0, None], z_rows[..., 0:1, :]).square_()
+    for k in range(1, centres.shape[-1]):
+        diff = torch.sub(centres[..., :, k, None], z_rows[..., k:k + 1, :])
         out.addcmul_(diff, diff)
     return out.mul_(scale.unsqueeze(-1))
 
 
-def exp_neg(e: Tensor) -> Tensor:
-    """``exp(-e)`` as a fresh tensor, computed as ``exp2(-e / ln 2)``: the same values to a few ulp, and on CPU
-    torch's ``exp2`` kernel runs several times faster than its ``exp`` (the exponentials are the costliest of the
-    bank's passes)."""
-    return torch.mul(e, NEG_LOG2_E).exp2_()
+class BankFeatures(NamedTuple):
+    """What both a bank and its gradients are made from: the widths ``gamma = exp(log_gamma)`` (``(..., m)``),
+    ``log2_phi = -gamma * ||z - c||^2 / ln 2`` and ``phi = exp2(log2_phi)``, the features (two ``(..., m, n)``
+    maps), and the latents as :func:`rows_with_ones`."""
+
+    gamma: Tensor
+    log2_phi: Tensor
+    phi: Tensor
+    z_rows: Tensor
 
 
-def rbf_bank_features(z: Tensor, centres: Tensor, log_gamma: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """``(gamma, e, Phi)``: the widths ``exp(log_gamma)``, the scaled distances ``e = gamma * ||z - c||^2`` and the
-    features ``Phi = exp(-e)``, what both the bank and its gradients are made from (two fresh ``(..., m, n)``
-    tensors)."""
-    gamma = log_gamma.exp()
-    e = _scaled_sq_distances(z, centres, gamma)
-    return gamma, e, exp_neg(e)
+def rbf_bank_features(z: Tensor, centres: Tensor, log_gamma: Tensor) -> BankFeatures:
+    """The bank's :class:`BankFeatures`. The exponent is kept in base 2 (the sign and ``1 / ln 2`` folded into
+    the widths) so the features are one ``exp2`` of it: on CPU torch's ``exp2`` kernel runs several times faster
+    than its ``exp``, and the values agree to a few ulp."""
+    gamma, z_rows = log_gamma.exp(), rows_with_ones(z)
+    log2_phi = _scaled_sq_distances(z_rows, centres, gamma * NEG_LOG2_E)
+    return BankFeatures(gamma, log2_phi, torch.exp2(log2_phi), z_rows)
 
 
 def weigh_features(phi: Tensor, weights: Tensor, basis: str, *, in_place: bool = False) -> Tensor:
@@ -143,29 +159,23 @@ def weigh_features(phi: Tensor, weights: Tensor, basis: str, *, in_place: bool =
 
 
 def rbf_bank_forward(z: Tensor, centres: Tensor, log_gamma: Tensor, weights: Tensor, basis: str) -> Tensor:
-    """:func:`rbf_bank_reference`'s values with in-place updates of one fresh ``(..., m, n)`` tensor (the exponent's
-    sign and ``exp2``'s base folded into the widths)."""
-    phi = _scaled_sq_distances(z, centres, log_gamma.exp() * NEG_LOG2_E).exp2_()
+    """:func:`rbf_bank_reference`'s values with in-place updates of one fresh ``(..., m, n)`` tensor (the exponent
+    in base 2, as in :func:`rbf_bank_features`)."""
+    phi = _scaled_sq_distances(rows_with_ones(z), centres, log_gamma.exp() * NEG_LOG2_E).exp2_()
     return weigh_features(phi, weights, basis, in_place=True)
 
 
-def _with_ones_row(t: Tensor) -> Tensor:
-    """``t`` (``(..., k, g)``) transposed with a row of ones below: ``(..., g + 1, k)``, contiguous, so a product
-    with it contracts along rows of unit stride (several times faster than contracting a ``(k, g + 1)`` matrix)."""
-    return torch.cat([t.mT, t.new_ones(*t.shape[:-2], 1, t.shape[-2])], -2)
-
-
 def rbf_bank_backward_values(grad: Tensor, z: Tensor, centres: Tensor, log_gamma: Tensor, weights: Tensor,
-                             basis: str, features: tuple[Tensor, Tensor, Tensor] | None = None,
+                             basis: str, features: BankFeatures | None = None,
                              ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """:func:`rbf_bank_grads`'s values with fewer passes over the ``m x n`` maps. ``Phi`` is recomputed with the
-    scaled distances ``e``, or taken from ``features`` (what :func:`rbf_bank_features` returned for these
-    arguments) when the caller has them already. The exponent's gradient is ``k_i * q_ij``, with ``q`` the one map
-    formed here and ``k_i`` a factor per RBF (the amplitude, or the mixed basis's ``1/sqrt(n)``), which is applied
-    to the small results instead of the map: ``dL/dlog_gamma_i = -k_i sum_j q_ij e_ij``, and with ``h = -2 gamma_i
-    k_i q_ij``, ``dL/dc_i = c_i sum_j h_ij - sum_j h_ij z_j`` and ``dL/dz_j = z_j sum_i h_ij - sum_i h_ij c_i``, each
+    """:func:`rbf_bank_grads`'s values with fewer passes over the ``m x n`` maps. The features are recomputed, or
+    taken from ``features`` (what :func:`rbf_bank_features` returned for these arguments) when the caller has them
+    already. The exponent's gradient is ``k_i * q_ij``, with ``q`` the one map formed here and ``k_i`` a factor per
+    RBF (the amplitude, or the mixed basis's ``1/sqrt(n)``), which is applied to the small results instead of the
+    map: ``dL/dlog_gamma_i = -k_i sum_j q_ij e_ij`` with ``e = -ln 2 * log2_phi``, and with ``h = -2 gamma_i k_i
+    q_ij``, ``dL/dc_i = c_i sum_j h_ij - sum_j h_ij z_j`` and ``dL/dz_j = z_j sum_i h_ij - sum_i h_ij c_i``, each
     pair of sums one matrix product with ``q`` (a row of ones appended to the other factor)."""
-    gamma, e, phi = features if features is not None else rbf_bank_features(z, centres, log_gamma)
+    gamma, log2_phi, phi, z_rows = features if features is not None else rbf_bank_features(z, centres, log_gamma)
     if basis == "mixed":
         s = z.shape[-2] ** -0.5
         grad_w = (grad @ phi.mT).mul_(s)
@@ -180,11 +190,12 @@ def rbf_bank_backward_values(grad: Tensor, z: Tensor, centres: Tensor, log_gamma
         else:
             q = torch.mul(grad, phi)
         k = weights
-    grad_log_gamma = torch.linalg.vecdot(q, e).mul_(-k)  # d(-gamma sq) / d log_gamma = -gamma sq = -e
+    # d(-gamma sq) / d log_gamma = -gamma sq = -e = ln 2 * log2_phi
+    grad_log_gamma = torch.linalg.vecdot(q, log2_phi).mul_(k * LN_2)
     h_scale = (gamma * k).mul_(-2).unsqueeze(-1)  # (..., m, 1)
-    by_centre = (q @ _with_ones_row(z).mT).mul_(h_scale)  # (..., m, g + 1): h @ z and h's row sums
+    by_centre = (q @ z_rows.mT).mul_(h_scale)  # (..., m, g + 1): h @ z and h's row sums
     # (..., n, g + 1), formed as its transpose: a product with n rows and g + 1 columns is several times slower
-    by_position = ((_with_ones_row(centres) * h_scale.mT) @ q).mT
+    by_position = ((rows_with_ones(centres) * h_scale.mT) @ q).mT
     grad_c = centres * by_centre[..., -1:] - by_centre[..., :-1]
     grad_z = z * by_position[..., -1:] - by_position[..., :-1]
     return grad_z, grad_c, grad_log_gamma, grad_w
