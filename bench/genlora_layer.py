@@ -7,32 +7,38 @@ Per layer shape of the Llama setup of ``bench/eager.py`` (hidden 1024: ``q``/``o
 * ``lora8``, ``lora32``: peft's form, ``x @ W0.T + s * (x @ A.T) @ B.T``, at r = 8 and at GenLoRA's default r = 32,
   with the factors' gradients: what the rank-``r`` matmuls cost;
 * ``genlora``: lsrfx's eager GenLoRA layer (``GenLoRALinear``, r = 32, its default basis), synthesis included;
-* ``banks``: the synthesis alone, both banks forward and backward as the layer runs them.
+* ``banks``: the synthesis alone, both banks forward and backward as the layer runs them;
+* ``banks@REV`` (with ``--rev REV``): the same with the bank bodies of git revision ``REV`` (loaded as
+  ``bench/ab_bodies.py`` does). Timed in rounds of their own, the two bank variants alternating, so each runs
+  after the other: among the layer variants whichever bank ran second would find its data in cache.
 
 Medians of interleaved rounds (``bench/common.py``), ms per layer step, and the excess over ``lora8``. Load average
 printed before and after; above 1.5 the figures mean nothing.
 
     python bench/genlora_layer.py                 # every shape, 200 rounds
     python bench/genlora_layer.py --rounds 5      # smoke run
+    python bench/genlora_layer.py --rev a2fd086   # today's banks against a revision's
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import sys
+import types
 
 import torch
 
 import lsrfx
 from lsrfx.kernels.genlora_linear import GenLoRALinear
-from lsrfx.kernels.rbf_bank import rbf_bank_backward_values, rbf_bank_features, weigh_features
 
-from common import interleaved_medians  # bench/ is on sys.path when run as a script
+from ab_bodies import module_at  # bench/ is on sys.path when run as a script
+from common import interleaved_medians
 
 SHAPES = {"q/o": (1024, 1024), "k/v": (256, 1024), "gate/up": (2816, 1024), "down": (1024, 2816)}
 
 
-def runs_for(d_out: int, d_in: int, tokens: int) -> dict:
+def runs_for(d_out: int, d_in: int, tokens: int, rev: str | None = None) -> dict:
     """One callable per variant, each a whole forward and backward of one layer."""
     torch.manual_seed(0)
     x = torch.randn(tokens, d_in, requires_grad=True)
@@ -49,20 +55,35 @@ def runs_for(d_out: int, d_in: int, tokens: int) -> dict:
         b = torch.randn(d_out, r, requires_grad=True)
         return lambda: (x @ w0.t() + (x @ a.t()) @ b.t() * scale).backward(grad)
 
-    @torch.no_grad()  # as inside the layer's autograd.Function
-    def banks() -> None:
-        for bank, n in ((bank_a, d_in), (bank_b, d_out)):
-            features = rbf_bank_features(*bank[:3])
-            weigh_features(features[2], bank[3], basis)
-            rbf_bank_backward_values(torch.ones(module.rank, n), *bank, basis, features)
+    def banks(kernels: types.ModuleType):
+        @torch.no_grad()  # as inside the layer's autograd.Function
+        def run() -> None:
+            for bank, n in ((bank_a, d_in), (bank_b, d_out)):
+                kernels.rbf_bank_forward(*bank, basis)
+                features = kernels.rbf_bank_features(*bank[:3])
+                kernels.weigh_features(features[2], bank[3], basis)
+                kernels.rbf_bank_backward_values(torch.ones(module.rank, n), *bank, basis, features)
+        return run
 
-    return {
+    runs = {
         "frozen": lambda: (x @ w0.t()).backward(grad),
         "lora8": lora(8),
         "lora32": lora(32),
         "genlora": lambda: GenLoRALinear.apply(x, w0, None, scale, basis, *bank_a, *bank_b).backward(grad),
-        "banks": banks,
+        "banks": banks(sys.modules["lsrfx.kernels.rbf_bank"]),  # the module; the package attribute is the op
     }
+    if rev is not None:
+        runs[f"banks@{rev}"] = banks(module_at(rev, "lsrfx.kernels.rbf_bank"))
+    return runs
+
+
+def medians_ms(runs: dict, rounds: int, warmup: int) -> dict:
+    """Every variant's median in ms; the bank variants (``banks*``) in rounds apart from the layers'."""
+    bank_runs = {k: v for k, v in runs.items() if k.startswith("banks@")}
+    if bank_runs:
+        bank_runs = {"banks": runs.pop("banks"), **{k: runs.pop(k) for k in bank_runs}}
+    out = {**interleaved_medians(runs, rounds, warmup), **interleaved_medians(bank_runs, rounds, warmup)}
+    return {k: v * 1e3 for k, v in out.items()}
 
 
 def main() -> None:
@@ -70,14 +91,16 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=256)
     p.add_argument("--rounds", type=int, default=200)
     p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--rev", help="also time the bank bodies of this git revision")
     args = p.parse_args()
     print(f"load before {os.getloadavg()[0]:.2f}, {torch.get_num_threads()} threads, {args.tokens} tokens")
-    print(f"{'layer':8s} " + " ".join(f"{k:>8s}" for k in ("frozen", "lora8", "lora32", "genlora", "banks"))
-          + "   genlora - lora8")
+    names = ["frozen", "lora8", "lora32", "genlora", "banks"] + ([f"banks@{args.rev}"] if args.rev else [])
+    print(f"{'layer':8s} " + " ".join(f"{k:>14s}" for k in names) + "   genlora - lora8"
+          + ("   banks / banks@rev" if args.rev else ""))
     for name, (d_out, d_in) in SHAPES.items():
-        ms = {k: v * 1e3 for k, v in interleaved_medians(runs_for(d_out, d_in, args.tokens), args.rounds,
-                                                         args.warmup).items()}
-        print(f"{name:8s} " + " ".join(f"{v:8.2f}" for v in ms.values()) + f"   {ms['genlora'] - ms['lora8']:+.2f} ms")
+        ms = medians_ms(runs_for(d_out, d_in, args.tokens, args.rev), args.rounds, args.warmup)
+        line = f"{name:8s} " + " ".join(f"{ms[k]:14.3f}" for k in names) + f"   {ms['genlora'] - ms['lora8']:+.2f} ms"
+        print(line + (f"   {ms['banks'] / ms[names[-1]]:.3f}" if args.rev else ""))
     print(f"load after {os.getloadavg()[0]:.2f}")
 
 
