@@ -105,6 +105,16 @@ def add_size_arguments(parser, *, hidden: int, layers: int, rounds: int, warmup:
     parser.add_argument("--warmup", type=int, default=warmup)
 
 
+def settle_load(below: float = 0.5, timeout: float = 240.0) -> float:
+    """Wait until the one-minute load average is under ``below`` (at most ``timeout`` seconds) and return it: between
+    repeated runs the previous run's own threads keep the average up for a minute or two after it ends, and a run
+    started then reads a load that says nothing about other processes on the machine."""
+    end = time.monotonic() + timeout
+    while os.getloadavg()[0] >= below and time.monotonic() < end:
+        time.sleep(5)
+    return os.getloadavg()[0]
+
+
 def interleaved_medians(runs: dict, rounds: int, warmup: int = 0) -> dict:
     """Median per run over ``rounds``, the runs interleaved with a start rotating each round (so drift on a noisy
     machine spreads over all of them), after ``warmup`` untimed calls each. A run returning a number reports its

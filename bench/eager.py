@@ -35,7 +35,8 @@ Load average is printed before and after; above 1.5 the timings mean nothing (ru
 
     python bench/eager.py --setup llama --rounds 5 --warmup 2                 # eager, Llama all-seven at 1024
     python bench/eager.py --setup llama --rounds 5 --formed                   # plus the old formed-weight path
-    python bench/eager.py --setup llama --rounds 11 --warmup 2 --repeat 3     # three processes, medians of ratios
+    python bench/eager.py --setup llama --rounds 11 --warmup 2 --repeat 3     # three processes (each once the load
+                                                                              # has settled), medians of ratios
     python bench/eager.py --setup llama --rounds 9 --methods condlora genlora --before   # A/B of the eager forms
     python bench/eager.py --setup llama --mode compiled --methods lora condlora --before  # and of the compiled ones
     python bench/eager.py --setup bert --rounds 5
@@ -62,7 +63,8 @@ from torch import nn
 import lsrfx
 from lsrfx.adapted_layer import formed_weight_path
 
-from common import METHODS, add_size_arguments, interleaved_medians  # bench/ is on sys.path when run as a script
+# bench/ is on sys.path when run as a script
+from common import METHODS, add_size_arguments, interleaved_medians, settle_load
 
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 BERT_TARGETS = ["query", "value"]
@@ -206,11 +208,12 @@ def peak_one(key: str, args: argparse.Namespace) -> None:
 
 
 def repeated(times: int) -> None:
-    """``--repeat``: this benchmark ``times`` times, each in a fresh process (its own output shown), then every
-    variant's ``x peft`` per run and their median."""
+    """``--repeat``: this benchmark ``times`` times, each in a fresh process (its own output shown) once the load
+    average has settled (:func:`common.settle_load`), then every variant's ``x peft`` per run and their median."""
     argv = [*sys.argv[1:], "--repeat", "1"]  # argparse keeps the last value given
     ratios: dict[str, list[float]] = {}
     for run in range(times):
+        settle_load()
         out = subprocess.run([sys.executable, __file__, *argv], capture_output=True, text=True, check=True).stdout
         print(f"# run {run + 1} of {times}\n{out}", flush=True)
         table = out.split("x floor", 1)[1].splitlines()[1:]
