@@ -368,11 +368,12 @@ def test_cost_rule_decisions_on_the_benchmark_layers(monkeypatch):
     assert _decision(16, 384, 384, 8, same_dtype=False) == "fused"  # never rounds dW to the base's dtype
 
 
-@pytest.mark.parametrize(("d", "tokens", "form"), [(8, 3, "reductions"), (2048, 3, "stacked"), (2048, 1024, "matmuls")])
+@pytest.mark.parametrize(("d", "tokens", "form"), [(8, 3, "reductions"), (2048, 3, "stacked"), (2048, 1024, "stacked")])
 def test_small_factor_products_become_reductions(d, tokens, form):
     """CondLoRA-style factors (``C_A @ W0.T``, ``W0 @ C_B.T``) are rewritten as broadcast-product reductions when
     small (Inductor fuses those into existing kernels); when large, they ride on the base matmul
-    (``lsrfx::condlora_linear``) with few tokens and stay matmuls of their own with many; the result is the same."""
+    (``lsrfx::condlora_linear``) with few tokens and with many (more than the layer's width); the result is the
+    same."""
     r = 4  # 2 r d^2 flops per product: ~500 at d = 8, ~3e7 at d = 2048 (above cost_model.SMALL_PRODUCT_FLOPS)
     x, w0, bias = torch.randn(tokens, d), torch.randn(d, d) / d**0.5, torch.randn(d)
     ca, cb = torch.randn(r, d) / d**0.5, torch.randn(r, d) / d**0.5
@@ -394,8 +395,7 @@ def test_small_factor_products_become_reductions(d, tokens, form):
     from lsrfx.kernels.factor_table import is_fused_op  # what explain marks FUSED
 
     assert sum(map(is_fused_op, gm.graph.nodes)) == 1
-    matmuls = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is operator.matmul]
-    assert len(matmuls) == (2 if form == "matmuls" else 0)
+    assert not [n for n in gm.graph.nodes if n.op == "call_function" and n.target is operator.matmul]
     torch.testing.assert_close(gm(x, w0, bias, ca, cb), want, atol=1e-3, rtol=1e-4)
 
 

@@ -43,14 +43,18 @@ def perturb(model: nn.Module) -> None:
 
 
 def assert_layer_matches_formed(model: nn.Module, x: torch.Tensor, params: list, out: torch.Tensor, grads: tuple,
-                                loss=torch.sum) -> None:
-    """``out`` and ``grads`` (of ``loss(out)`` with respect to ``params``) equal the formed-weight path's."""
+                                loss=torch.sum, of_largest: float | None = None) -> None:
+    """``out`` and ``grads`` (of ``loss(out)`` with respect to ``params``) equal the formed-weight path's:
+    elementwise (``assert_close``'s defaults), or with ``of_largest`` within that fraction of each tensor's largest
+    magnitude (a gradient summed over many tokens rounds differently in the two paths)."""
     with formed_weight_path():
         want = model(x)
         want_grads = torch.autograd.grad(loss(want), params)
-    torch.testing.assert_close(out, want)
-    for g, w in zip(grads, want_grads, strict=True):
-        torch.testing.assert_close(g, w)
+    for got, expected in zip((out, *grads), (want, *want_grads), strict=True):
+        if of_largest is None:
+            torch.testing.assert_close(got, expected)
+        else:
+            assert (got - expected).abs().max() <= of_largest * expected.abs().max()
 
 
 def loss_and_grads(model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -167,16 +171,11 @@ def test_int8_base_keeps_no_dequantised_weight_for_backward() -> None:
         assert_same_as_formed(model, batch, tol=1e-4)
 
 
-@pytest.mark.parametrize("method", ["lsr", "condlora-stacked", "genlora"])
+@pytest.mark.parametrize("method", ["lsr", "condlora", "genlora"])
 @pytest.mark.parametrize("reentrant", [False, True])
-def test_gradient_checkpointing(reentrant: bool, method: str, monkeypatch) -> None:
-    """Checkpointed blocks recompute the layers (GenLoRA's layer also forms its factors again in the backward);
-    ``condlora-stacked``: CondLoRA's stacked layer on every layer."""
-    if method == "condlora-stacked":
-        from lsrfx.kernels import condlora_linear
-
-        monkeypatch.setattr(condlora_linear, "stacking_pays", lambda *shape: True)
-        method = "condlora"
+def test_gradient_checkpointing(reentrant: bool, method: str) -> None:
+    """Checkpointed blocks recompute the layers (GenLoRA's layer also forms its factors again in the backward,
+    CondLoRA's is its stacked form)."""
     model = lsrfx.adapt(build("llama"), method=method, targets=ALL_LINEAR, **TINY_OPTIONS[method])
     perturb(model)
     model.train()
@@ -275,35 +274,39 @@ class CountBaseReads(torch.utils._python_dispatch.TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+@pytest.mark.parametrize("tokens", [9, 70])
 @pytest.mark.parametrize(("d_out", "d_in", "reads"), [(256, 256, 2), (128, 256, 3), (256, 128, 3)])
-def test_condlora_shares_the_base_matmuls_pass_over_w0(d_out: int, d_in: int, reads: int) -> None:
-    """With few tokens, a CondLoRA layer's factor products ride on the base matmul's pass over ``W0`` (forward
-    ``[x; C_A; C_B] @ W0.T``, backward ``[dY; dA; dB.T] @ W0``): a square layer reads ``W0`` once each way, as a
-    plain frozen linear layer does; a non-square one once forward (``x @ A.T = (x @ W0.T) @ C_A'.T`` from the base
-    output: its ``A = C_A' W0`` is never formed) and twice backward (``C_A'``'s gradient ``dA @ W0.T`` contracts
-    the other axis). The values and gradients are the formed-weight path's."""
+def test_condlora_shares_the_base_matmuls_pass_over_w0(d_out: int, d_in: int, reads: int, tokens: int) -> None:
+    """A CondLoRA layer's factor products ride on the base matmul's pass over ``W0`` (forward ``[x; C_A; C_B] @
+    W0.T``, backward ``[dY; dA; dB.T] @ W0``): a square layer reads ``W0`` once each way, as a plain frozen linear
+    layer does; a non-square one once forward (``x @ A.T = (x @ W0.T) @ C_A'.T`` from the base output: its ``A =
+    C_A' W0`` is never formed) and twice backward (``C_A'``'s gradient ``dA @ W0.T`` contracts the other axis).
+    With few tokens per step and with many (2 x 70, more than half the layer's width: the stack copies the activations, which
+    still costs less than the skinny products it replaces). The values and gradients are the formed-weight
+    path's."""
     torch.manual_seed(0)
     model = lsrfx.adapt(nn.Sequential(nn.Linear(d_in, d_out)), method="condlora", targets=["0"], r=4)
     perturb(model)
-    x = torch.randn(2, 9, d_in, requires_grad=True)
+    x = torch.randn(2, tokens, d_in, requires_grad=True)
     params = [x, *(p for p in model.parameters() if p.requires_grad)]
     w0 = base_weight(model[0])
     with CountBaseReads(w0) as counter:
         out = model(x)
         grads = torch.autograd.grad(out, params, torch.ones_like(out))
     assert counter.count == reads
-    assert_layer_matches_formed(model, x, params, out, grads)
+    assert_layer_matches_formed(model, x, params, out, grads, of_largest=1e-5 if tokens > 9 else None)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "bert"])
 def test_condlora_stacked_products_equal_the_formed_weight_path(arch: str, monkeypatch) -> None:
-    """The stacked form on every layer of the tiny models (whose few tokens would not pick it by themselves):
-    Llama without bias, GPT-2's ``Conv1D`` (``W0`` stored transposed), BERT with bias; an in-place edit of a
-    layer's output downstream is allowed (the output is no view of a tensor the layer made)."""
+    """The stacked form on every layer of the tiny models: Llama without bias, GPT-2's ``Conv1D`` (``W0`` stored
+    transposed), BERT with bias; an in-place edit of a layer's output downstream is allowed (the output is no view
+    of a tensor the layer made)."""
     from lsrfx.kernels import condlora_linear
 
     calls = []
-    monkeypatch.setattr(condlora_linear, "stacking_pays", lambda *shape: calls.append(shape) or True)
+    stacked = condlora_linear.CondLoRALinear.apply
+    monkeypatch.setattr(condlora_linear.CondLoRALinear, "apply", lambda *args: calls.append(args) or stacked(*args))
     model = lsrfx.adapt(build(arch), method="condlora", targets=ALL_LINEAR,
                         trainable=["classifier"] if arch == "bert" else (), **TINY_OPTIONS["condlora"])
     perturb(model)
@@ -401,7 +404,6 @@ def test_condlora_non_square_layer_reads_w0_once_forward_and_shares_a_pass_backw
     from lsrfx.kernels import condlora_linear
 
     monkeypatch.setattr(condlora_linear, "CACHE_BLOCK_BYTES", 64 * 16 * 4)  # blocks of 64 x 16
-    monkeypatch.setattr(condlora_linear, "stacking_pays", lambda *shape: True)
     torch.manual_seed(0)
     model = lsrfx.adapt(nn.Sequential(nn.Linear(d_in, d_out)), method="condlora", targets=["0"], r=4)
     perturb(model)

@@ -146,12 +146,11 @@ class CondLoRAAdapter(Adapter):
         return FrozenProduct.apply(pair.C_A, w0, False), FrozenProduct.apply(pair.C_B, w0, True).t()
 
     def eager_linear(self, x: Tensor, w0: Tensor, bias: Tensor | None) -> Tensor | None:
-        """The stacked form (:class:`~lsrfx.kernels.condlora_linear.CondLoRALinear`) when it pays (``stacking_pays``)
-        and every tensor is a plain one of one dtype outside autocast; else ``None``: the generic path (quantized,
-        mixed-precision or sharded layers)."""
+        """The stacked form (:class:`~lsrfx.kernels.condlora_linear.CondLoRALinear`) when every tensor is a plain one
+        of one dtype outside autocast; else ``None``: the generic path (quantized, mixed-precision or sharded
+        layers)."""
         pair = self.pair
-        if not stacked_form.stacking_pays(x.numel() // max(x.shape[-1], 1), self.d_in, self.d_out) \
-                or not plain_and_uniform(x, w0, pair.C_A, pair.C_B, bias):
+        if not plain_and_uniform(x, w0, pair.C_A, pair.C_B, bias):
             return None
         return stacked_form.CondLoRALinear.apply(x, w0, bias, pair.C_A, pair.C_B, self.scale, pair.square, False)
 

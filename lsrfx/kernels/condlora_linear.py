@@ -11,7 +11,9 @@ the base output (``tokens x d_out x r`` multiply-adds instead of a pass over ``W
 gradient joins the output gradient before the stacked product (``(dY + dU @ C_A) @ W0``). What remains is ``C_A``'s
 gradient ``dA @ W0.T``, a second product in the backward; where ``W0.T`` is the long way round it shares one pass over
 ``W0`` from memory with the stacked product, block by cached block (:func:`products_sharing_w`). The stack copies the
-activations, so it pays only with few tokens per step (:func:`stacking_pays`).
+activations (``tokens x (d_in + d_out)`` values a step), which costs less than the products it replaces at every
+token count measured (bench/README.md): those are skinny matmuls of ``2r`` or fewer rows, each a whole pass over
+``W0`` that BLAS runs far below the speed of a copy, and the unstacked form has four of them a step.
 
 Two entry points share the bodies (:func:`condlora_forward`, :func:`condlora_backward`): :class:`CondLoRALinear`, a
 plain ``autograd.Function`` for eager training (``CondLoRAAdapter.eager_linear``), and the op with its backward op
@@ -24,14 +26,6 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-
-
-def stacking_pays(tokens: int, d_in: int, d_out: int) -> bool:
-    """Whether stacking the factor products onto the base matmul moves less memory than a product of their own:
-    the stack copies the activations (``tokens x (d_in + d_out)`` values over forward and backward), a product of
-    its own reads ``W0`` (``d_out x d_in``) once more."""
-    return tokens * (d_in + d_out) < d_in * d_out
-
 
 CACHE_BLOCK_BYTES = 1 << 20  # a block of W0 this large stays in a core's L2 cache between the two products
 

@@ -77,7 +77,7 @@ DENSE = FactorStructure("dense", None, lsrfx_ops.lowrank_linear, torch.t)
 # Most specific first: a graph's A and B have the first structure whose feed op builds both (dense: the fallback).
 FACTOR_STRUCTURES: tuple[FactorStructure, ...] = (KRONECKER, DENSE)
 FACTOR_OPS: tuple[FactorOp, ...] = tuple(dict.fromkeys((COMPOSE, *(s.feed for s in FACTOR_STRUCTURES if s.feed))))
-# CondLoRA's stacked layer (kernels/condlora_linear.py) replaces a dense structure's fused op where it pays.
+# CondLoRA's stacked layer (kernels/condlora_linear.py) replaces a dense structure's fused op off CUDA.
 CONDLORA_LINEAR: OpOverloadPacket = lsrfx_ops.condlora_linear
 FUSED_OPS: tuple[OpOverloadPacket, ...] = (*(s.fused_op for s in FACTOR_STRUCTURES), CONDLORA_LINEAR)
 MERGED_LINEAR: OpOverloadPacket = lsrfx_ops.merged_linear

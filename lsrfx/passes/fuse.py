@@ -27,7 +27,6 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from lsrfx.kernels import condlora_linear
 from lsrfx.kernels.factor_table import CONDLORA_LINEAR, DENSE, KRON_SUM, MERGED_LINEAR, is_call, is_factor_op
 from lsrfx.kernels.layout import formed_transposed
 from lsrfx.passes import cost_model
@@ -175,8 +174,7 @@ def _source(node: object) -> object:
 def _stacked_condlora(graph: fx.Graph, m: Match) -> Callable[[fx.Graph, Match], tuple[fx.Node, fx.Node]] | None:
     """The call of ``lsrfx::condlora_linear`` (:mod:`lsrfx.kernels.condlora_linear`) for a layer whose factors are
     CondLoRA's products of its own ``W0`` (``A = C_A @ W0.T`` or ``C_A @ W0``, ``B = W0 @ C_B.T``), when they are
-    BLAS-sized (not ``cost_model.product_as_reduction``) and stacking them onto the base matmul pays for the tokens
-    (``stacking_pays``); None otherwise. Off CUDA only (there the fused Triton kernel is the layer's op), one dtype
+    BLAS-sized (not ``cost_model.product_as_reduction``); None otherwise. Off CUDA only (there the fused Triton kernel is the layer's op), one dtype
     throughout, outside autocast (the op has no autocast rule: its stacked matmul needs ``x``, ``W0`` and the pair
     in one dtype)."""
     x, w0, out = _val(m.x), _val(m.w0), _val(m.consumer)
@@ -202,11 +200,8 @@ def _stacked_condlora(graph: fx.Graph, m: Match) -> Callable[[fx.Graph, Match], 
     if any(v is None or v.dtype != x.dtype for v in (*pair, w0, out)) or torch.is_autocast_enabled(x.device.type) \
             or any(getattr(n.target, "__name__", "") == "_enter_autocast" for n in graph.nodes):
         return None
-    d_in = _hint(x.shape[-1])
-    d_out = _hint(out.shape[-1])
-    tokens = _hint(x.numel()) // max(d_in, 1)
-    small = cost_model.product_as_reduction(2 * _hint(pair[1].shape[0]) * d_in * d_out)  # reductions instead
-    if small or not condlora_linear.stacking_pays(tokens, d_in, d_out):
+    d_in, d_out = _hint(x.shape[-1]), _hint(out.shape[-1])
+    if cost_model.product_as_reduction(2 * _hint(pair[1].shape[0]) * d_in * d_out):  # reductions instead
         return None
 
     def call(graph: fx.Graph, m: Match) -> tuple[fx.Node, fx.Node]:
