@@ -120,15 +120,19 @@ def make_variant(key: str, setup: str, args: argparse.Namespace) -> tuple[nn.Mod
 
 @contextmanager
 def separate_products() -> Iterator[None]:
-    """CondLoRA's factors as products of their own, as before its stacked form (``--before``; compiled, the pass
-    decides at the first step, which runs inside this too)."""
-    from lsrfx.kernels import condlora_linear
+    """CondLoRA's factors as products of their own, as before its stacked form (``--before``): eagerly the generic
+    low-rank path, compiled the fused pass's separate matmuls (the pass decides at the first step, which runs inside
+    this too)."""
+    from lsrfx.adapters.condlora import CondLoRAAdapter
+    from lsrfx.passes import fuse
 
-    rule, condlora_linear.stacking_pays = condlora_linear.stacking_pays, lambda *shape: False
+    layer, CondLoRAAdapter.eager_linear = CondLoRAAdapter.eager_linear, lambda self, *args: None
+    stacked, fuse._stacked_condlora = fuse._stacked_condlora, lambda *args: None
     try:
         yield
     finally:
-        condlora_linear.stacking_pays = rule
+        CondLoRAAdapter.eager_linear = layer
+        fuse._stacked_condlora = stacked
 
 
 @contextmanager
