@@ -372,8 +372,8 @@ def test_cost_rule_decisions_on_the_benchmark_layers(monkeypatch):
 def test_small_factor_products_become_reductions(d, tokens, form):
     """CondLoRA-style factors (``C_A @ W0.T``, ``W0 @ C_B.T``) are rewritten as broadcast-product reductions when
     small (Inductor fuses those into existing kernels); when large, they ride on the base matmul
-    (``lsrfx::condlora_linear``) with few tokens and with many (more than the layer's width); the result is the
-    same."""
+    (``lsrfx::condlora_linear``) with few tokens and with many (1024: the stack pays at every token count); the
+    result is the same."""
     r = 4  # 2 r d^2 flops per product: ~500 at d = 8, ~3e7 at d = 2048 (above cost_model.SMALL_PRODUCT_FLOPS)
     x, w0, bias = torch.randn(tokens, d), torch.randn(d, d) / d**0.5, torch.randn(d)
     ca, cb = torch.randn(r, d) / d**0.5, torch.randn(r, d) / d**0.5

@@ -174,9 +174,9 @@ def _source(node: object) -> object:
 def _stacked_condlora(graph: fx.Graph, m: Match) -> Callable[[fx.Graph, Match], tuple[fx.Node, fx.Node]] | None:
     """The call of ``lsrfx::condlora_linear`` (:mod:`lsrfx.kernels.condlora_linear`) for a layer whose factors are
     CondLoRA's products of its own ``W0`` (``A = C_A @ W0.T`` or ``C_A @ W0``, ``B = W0 @ C_B.T``), when they are
-    BLAS-sized (not ``cost_model.product_as_reduction``); None otherwise. Off CUDA only (there the fused Triton kernel is the layer's op), one dtype
-    throughout, outside autocast (the op has no autocast rule: its stacked matmul needs ``x``, ``W0`` and the pair
-    in one dtype)."""
+    BLAS-sized (not ``cost_model.product_as_reduction``), whatever the token count; None otherwise. Off CUDA only
+    (there the fused Triton kernel is the layer's op), one dtype throughout, outside autocast (the op has no
+    autocast rule: its stacked matmul needs ``x``, ``W0`` and the pair in one dtype)."""
     x, w0, out = _val(m.x), _val(m.w0), _val(m.consumer)
     a, b = m.a, m.b
     if m.swap or m.structure.feed is not None or x is None or w0 is None or out is None or x.device.type == "cuda":
