@@ -10,7 +10,11 @@ Per layer shape of the Llama setup of ``bench/eager.py`` (hidden 1024: ``q``/``o
 * ``banks``: the synthesis alone, both banks forward and backward as the layer runs them;
 * ``banks@REV`` (with ``--rev REV``): the same with the bank bodies of git revision ``REV`` (loaded as
   ``bench/ab_bodies.py`` does). Timed in rounds of their own, the two bank variants alternating, so each runs
-  after the other: among the layer variants whichever bank ran second would find its data in cache.
+  after the other: among the layer variants whichever bank ran second would find its data in cache;
+* ``banks@inductor`` (with ``--inductor``): the same arithmetic as one fused kernel per body, the plain statement of
+  the bank (``rbf_bank_reference`` and ``rbf_bank_grads``) compiled by Inductor (``torch.compile``, dynamic shapes;
+  compiled before timing): what fusing the synthesis saves with each call's own guards and dispatch, in rounds with
+  ``banks`` as above.
 
 Medians of interleaved rounds (``bench/common.py``), ms per layer step, and the excess over ``lora8``. Load average
 printed before and after; above 1.5 the figures mean nothing.
@@ -18,6 +22,7 @@ printed before and after; above 1.5 the figures mean nothing.
     python bench/genlora_layer.py                 # every shape, 200 rounds
     python bench/genlora_layer.py --rounds 5      # smoke run
     python bench/genlora_layer.py --rev a2fd086   # today's banks against a revision's
+    python bench/genlora_layer.py --inductor      # today's banks against an Inductor-fused bank
 """
 
 from __future__ import annotations
@@ -38,7 +43,21 @@ from common import interleaved_medians
 SHAPES = {"q/o": (1024, 1024), "k/v": (256, 1024), "gate/up": (2816, 1024), "down": (1024, 2816)}
 
 
-def runs_for(d_out: int, d_in: int, tokens: int, rev: str | None = None) -> dict:
+def fused_bank(basis: str):
+    """A bank run whose forward and gradients are Inductor's fused code for the reference statement: the factor
+    once (the layer's forward) and the gradients once (which form the features themselves; the factor the layer's
+    backward also needs is left out, so this is a lower bound on a fused bank's cost)."""
+    reference = sys.modules["lsrfx.kernels.rbf_bank"]
+    forward = torch.compile(lambda z, c, lg, w: reference.rbf_bank_reference(z, c, lg, w, basis), dynamic=True)
+    grads = torch.compile(lambda g, z, c, lg, w: reference.rbf_bank_grads(g, z, c, lg, w, basis), dynamic=True)
+
+    def run(bank: list, n: int, rank: int) -> None:
+        forward(*bank)
+        grads(torch.ones(rank, n), *bank)
+    return run
+
+
+def runs_for(d_out: int, d_in: int, tokens: int, rev: str | None = None, inductor: bool = False) -> dict:
     """One callable per variant, each a whole forward and backward of one layer."""
     torch.manual_seed(0)
     x = torch.randn(tokens, d_in, requires_grad=True)
@@ -74,6 +93,16 @@ def runs_for(d_out: int, d_in: int, tokens: int, rev: str | None = None) -> dict
     }
     if rev is not None:
         runs[f"banks@{rev}"] = banks(module_at(rev, "lsrfx.kernels.rbf_bank"))
+    if inductor:
+        fused = fused_bank(basis)
+
+        @torch.no_grad()
+        def banks_fused() -> None:
+            for bank, n in ((bank_a, d_in), (bank_b, d_out)):
+                fused(bank, n, module.rank)
+
+        banks_fused()  # compiled here, not in the timed rounds
+        runs["banks@inductor"] = banks_fused
     return runs
 
 
@@ -92,15 +121,17 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=200)
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--rev", help="also time the bank bodies of this git revision")
+    p.add_argument("--inductor", action="store_true", help="also time the bank as Inductor's fused code")
     args = p.parse_args()
     print(f"load before {os.getloadavg()[0]:.2f}, {torch.get_num_threads()} threads, {args.tokens} tokens")
-    names = ["frozen", "lora8", "lora32", "genlora", "banks"] + ([f"banks@{args.rev}"] if args.rev else [])
+    others = ([f"banks@{args.rev}"] if args.rev else []) + (["banks@inductor"] if args.inductor else [])
+    names = ["frozen", "lora8", "lora32", "genlora", "banks", *others]
     print(f"{'layer':8s} " + " ".join(f"{k:>14s}" for k in names) + "   genlora - lora8"
-          + ("   banks / banks@rev" if args.rev else ""))
+          + "".join(f"   banks / {k}" for k in others))
     for name, (d_out, d_in) in SHAPES.items():
-        ms = medians_ms(runs_for(d_out, d_in, args.tokens, args.rev), args.rounds, args.warmup)
+        ms = medians_ms(runs_for(d_out, d_in, args.tokens, args.rev, args.inductor), args.rounds, args.warmup)
         line = f"{name:8s} " + " ".join(f"{ms[k]:14.3f}" for k in names) + f"   {ms['genlora'] - ms['lora8']:+.2f} ms"
-        print(line + (f"   {ms['banks'] / ms[names[-1]]:.3f}" if args.rev else ""))
+        print(line + "".join(f"   {ms['banks'] / ms[k]:.3f}" for k in others))
     print(f"load after {os.getloadavg()[0]:.2f}")
 
 
